@@ -1,0 +1,50 @@
+"""mfm_fast: Meta Flow Maps for PyTorch — one-step posterior sampling, value gradients, steering and fine-tuning.
+
+Public names resolve lazily so that `import mfm_fast` is cheap, imports no Triton and makes no CUDA call.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> defining module (DESIGN.md §3)
+_EXPORTS = {
+    "MFMDiT": "mfm_fast.models.dit",
+    "DiTConfig": "mfm_fast.models.dit",
+    "MFMMLP": "mfm_fast.models.mlp",
+    "flow_map": "mfm_fast.sampling",
+    "posterior_sample": "mfm_fast.sampling",
+    "drift": "mfm_fast.sampling",
+    "refine_sample": "mfm_fast.sampling",
+    "glass_drift": "mfm_fast.glass",
+    "glass_posterior_sample": "mfm_fast.glass",
+    "glass_value_and_grad": "mfm_fast.glass",
+    "value_and_grad": "mfm_fast.value",
+    "steer": "mfm_fast.steer",
+    "best_of_n": "mfm_fast.steer",
+    "load": "mfm_fast.train",
+    "save": "mfm_fast.train",
+    "load_official_mfm": "mfm_fast.models.checkpoints",
+    "mfm_from_sit": "mfm_fast.models.checkpoints",
+}
+_SUBMODULES = {"data", "metrics", "rewards", "losses", "interpolant", "glass", "value", "steer", "finetune",
+               "train", "backend", "ops", "models", "sampling", "graphs", "experiments"}
+
+__all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"mfm_fast.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'mfm_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,50 @@
+"""Linear interpolant I_t = (1-t)·I0 + t·I1 (t = 0 noise, t = 1 data) and the drift ↔ denoiser ↔ score maps."""
+from __future__ import annotations
+
+import torch
+
+
+def bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) matching like's rank; rows of like may be a multiple of B (particle groups)."""
+    t = t.reshape(t.shape[0], *([1] * (like.dim() - 1)))
+    if like.shape[0] != t.shape[0]:
+        t = t.repeat_interleave(like.shape[0] // t.shape[0], dim=0)
+    return t
+
+
+def interpolate(t: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """I_t = (1 - t)·x0 + t·x1."""
+    t = bcast(t, x1)
+    return (1 - t) * x0 + t * x1
+
+
+def target_velocity(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """d/dt I_t = x1 - x0, the flow-matching regression target."""
+    return x1 - x0
+
+
+def denoiser_from_drift(t: torch.Tensor, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Tweedie: E[I1 | I_t = x] = x + (1 - t)·b_t(x)."""
+    return x + (1 - bcast(t, x)) * b
+
+
+def drift_from_denoiser(t: torch.Tensor, x: torch.Tensor, x1_hat: torch.Tensor) -> torch.Tensor:
+    """b_t(x) = (E[I1|x] - x)/(1 - t)  (undefined at t = 1)."""
+    return (x1_hat - x) / (1 - bcast(t, x))
+
+
+def score_from_drift(t: torch.Tensor, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """∇log p_t(x) = (t·b_t(x) - x)/(1 - t)."""
+    tb = bcast(t, x)
+    return (tb * b - x) / (1 - tb)
+
+
+def drift_from_score(t: torch.Tensor, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Inverse of score_from_drift: b = ((1 - t)·score + x)/t  (undefined at t = 0)."""
+    tb = bcast(t, x)
+    return ((1 - tb) * score + x) / tb
+
+
+def noise_from_drift(t: torch.Tensor, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """E[I0 | I_t = x] = x - t·b_t(x)."""
+    return x - bcast(t, x) * b

@@ -1,0 +1,375 @@
+"""MFMDiT: the Meta-Flow-Map DiT backbone, module-for-module the official MFM-XL/2 (OFFICIAL_CHECKPOINT.md).
+
+forward(s, u, xbar, t, x, y=None, cfg=None, x_cond_scale=None) -> v_{s,u}(xbar; t, x)
+
+Conditioning (s, u, t, x, y, cfg) has G rows; xbar may have R = G·N rows: the N particles of a state share its
+conditioning, which is computed once per state and broadcast inside the ops (never repeated N times).
+`impl="torch"` runs the pure-PyTorch reference ops (`mfm_fast.ops.*_ref`); `impl="triton"` the fused kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .._checks import as_time, check_state, n_per_group
+
+
+@dataclass
+class DiTConfig:
+    input_size: int = 32  # latent H = W
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000  # the embedding table has one more row: the null class
+    encoder_depth: int = 20  # blocks [0, encoder_depth) see c_enc, the rest and the final layer c_dec
+    learn_sigma: bool = False  # 2·C output channels, the first C kept (SiT checkpoints)
+    class_guidance_ws: tuple = (1.0, 2.5)  # guidance-embedding table: one row per (class w, x-cond w) pair
+    xcond_guidance_ws: tuple = (1.0,)
+    time_flip: bool = True  # official is_zero_data: s -> 1-s, u -> 1-u inside, output negated
+    frequency_embedding_size: int = 256
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+        if not 0 <= self.encoder_depth <= self.depth:
+            raise ValueError(f"encoder_depth must lie in [0, depth={self.depth}], got {self.encoder_depth}")
+        self.class_guidance_ws = tuple(float(w) for w in self.class_guidance_ws)
+        self.xcond_guidance_ws = tuple(float(w) for w in self.xcond_guidance_ws)
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def event_shape(self) -> tuple:
+        return (self.in_channels, self.input_size, self.input_size)
+
+
+def _cfg(hidden, depth, heads, encoder_depth, **kw):
+    return dict(hidden_size=hidden, depth=depth, num_heads=heads, encoder_depth=encoder_depth, **kw)
+
+
+CONFIGS = {
+    "MFM-XL/2": _cfg(1152, 28, 16, 20),
+    "MFM-L/2": _cfg(1024, 24, 16, 17),
+    "MFM-B/2": _cfg(768, 12, 12, 9),
+    "MFM-S/2": _cfg(384, 12, 6, 9),
+    # small configs for tests and CPU experiments (head dim 72 like XL/2)
+    "MFM-T/2": _cfg(144, 3, 2, 2, input_size=8, num_classes=10),
+    "MFM-Digits": _cfg(144, 4, 2, 3, input_size=8, in_channels=1, num_classes=10),
+}
+
+
+def make_config(config="MFM-XL/2", **overrides) -> DiTConfig:
+    if isinstance(config, DiTConfig):
+        return dataclasses.replace(config, **overrides)
+    if config not in CONFIGS:
+        raise ValueError(f"unknown config name {config!r}; known: {sorted(CONFIGS)}")
+    known = {f.name for f in dataclasses.fields(DiTConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise TypeError(f"unknown config overrides {sorted(unknown)}; allowed: {sorted(known)}")
+    return DiTConfig(**{**CONFIGS[config], **overrides})
+
+
+def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
+    """MAE 2-D sin-cos table (grid², dim): [sin(col·w), cos(col·w), sin(row·w), cos(row·w)], w_k = 10000^(-k/(dim/4))."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    parts = []
+    for coord in (cols.reshape(-1), rows.reshape(-1)):
+        out = np.einsum("n,k->nk", coord.astype(np.float64), omega)
+        parts += [np.sin(out), np.cos(out)]
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d patchify (timm PatchEmbed without norm): (B, C, H, W) -> (B, L, D)."""
+
+    def __init__(self, patch: int, in_ch: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_ch, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x):
+        return rearrange(self.proj(x), "b d h w -> b (h w) d")
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int, freq: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(freq, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+
+class LabelEmbedder(nn.Module):
+    def __init__(self, rows: int, dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(rows, dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+
+class DiTBlock(nn.Module):
+    """Parameters only; the fused forward lives in MFMDiT so adjacent blocks can share fused epilogues."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.attn = Attention(dim, heads)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch: int, out_ch: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, patch * patch * out_ch)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+
+@dataclass
+class _Ops:
+    time_embed: object
+    ln_modulate: object
+    gate_residual_ln_modulate: object
+    input_stage: object
+    bias_gelu: object
+    attention: object
+    name: str = "torch"
+
+
+def reference_ops() -> _Ops:
+    from ..ops.adaln import ln_modulate_ref
+    from ..ops.attention import attention_ref
+    from ..ops.bias_gelu import bias_gelu_ref
+    from ..ops.gate_residual import gate_residual_ln_modulate_ref
+    from ..ops.input_stage import input_stage_ref
+    from ..ops.time_embed import time_embed_ref
+    return _Ops(time_embed_ref, ln_modulate_ref, gate_residual_ln_modulate_ref, input_stage_ref, bias_gelu_ref,
+                attention_ref, "torch")
+
+
+def _resolve_ops(impl: str) -> _Ops:
+    from .. import backend
+    impl = backend.resolve_impl(impl)
+    return backend.triton_ops() if impl == "triton" else reference_ops()
+
+
+class MFMDiT(nn.Module):
+    """The Meta Flow Map DiT. `MFMDiT("MFM-XL/2")` has the official checkpoint's 313 tensors, 684,286,864 values."""
+
+    supports_particle_groups = True
+
+    def __init__(self, config="MFM-XL/2", impl: str = "auto", **overrides):
+        super().__init__()
+        cfg = make_config(config, **overrides)
+        self.config = cfg
+        self.impl = impl
+        self._ops = None  # resolved at first forward: no backend probing (or CUDA call) at construction
+        self.grad_checkpointing = False
+        D, p = cfg.hidden_size, cfg.patch_size
+        self.x_embedder = PatchEmbed(p, cfg.in_channels, D)
+        self.x_cond_embedder = PatchEmbed(p, cfg.in_channels, D)
+        self.x_cond_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        f = cfg.frequency_embedding_size
+        self.s_embedder = TimestepEmbedder(D, f)
+        self.t_embedder = TimestepEmbedder(D, f)  # embeds u (official naming)
+        self.t_cond_embedder = TimestepEmbedder(D, f)
+        self.s_embedder_second = TimestepEmbedder(D, f)
+        self.t_embedder_second = TimestepEmbedder(D, f)
+        self.y_embedder = LabelEmbedder(cfg.num_classes + 1, D)
+        self.guidance_embedder = LabelEmbedder(len(cfg.class_guidance_ws) * len(cfg.xcond_guidance_ws), D)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(D, p, cfg.out_channels)
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ init (adaLN-Zero, gates off)
+    @torch.no_grad()
+    def initialize_weights(self):
+        if self.pos_embed.is_meta:
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        grid = int(math.isqrt(self.config.num_tokens))
+        self.pos_embed.copy_(torch.from_numpy(sincos_pos_embed(self.config.hidden_size, grid))[None])
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        # the context branch starts as a copy of x_embedder, gated off by scale = -1
+        self.x_cond_embedder.proj.weight.copy_(w)
+        nn.init.zeros_(self.x_cond_embedder.proj.bias)
+        lin = self.x_cond_adaLN[1]
+        nn.init.zeros_(lin.weight)
+        lin.bias.copy_(torch.cat([torch.zeros(self.config.hidden_size), -torch.ones(self.config.hidden_size)]))
+        for emb in self.time_embedders():
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        for emb in (self.t_cond_embedder, self.t_embedder, self.s_embedder_second):
+            nn.init.zeros_(emb.mlp[2].weight)
+            nn.init.zeros_(emb.mlp[2].bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.zeros_(self.guidance_embedder.embedding_table.weight)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN_modulation[1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def time_embedders(self):
+        """In the order of the stacked time inputs: s, u, t_cond, s (decoder), u (decoder)."""
+        return [self.s_embedder, self.t_embedder, self.t_cond_embedder, self.s_embedder_second,
+                self.t_embedder_second]
+
+    @property
+    def ops(self) -> _Ops:
+        if self._ops is None:
+            self._ops = _resolve_ops(self.impl)
+        return self._ops
+
+    def set_impl(self, impl: str) -> "MFMDiT":
+        self.impl, self._ops = impl, None
+        return self
+
+    @property
+    def event_shape(self) -> tuple:
+        return self.config.event_shape
+
+    # ------------------------------------------------------------------ conditioning (once per group)
+    def guidance_index(self, cfg: torch.Tensor, x_cond_scale: torch.Tensor) -> torch.Tensor:
+        cw = torch.tensor(self.config.class_guidance_ws, device=cfg.device, dtype=torch.float32)
+        xw = torch.tensor(self.config.xcond_guidance_ws, device=cfg.device, dtype=torch.float32)
+        ci = (cfg.float()[:, None] - cw).abs().argmin(-1)  # ties -> the first (smaller) entry
+        xi = (x_cond_scale.float()[:, None] - xw).abs().argmin(-1)
+        return ci * len(xw) + xi
+
+    def conditioning(self, s, u, t, y, cfg, x_cond_scale):
+        """-> (c_enc, c_dec, e_t): (G, D) each."""
+        if self.config.time_flip:
+            s, u = 1 - s, 1 - u
+        times = torch.stack([s, u, t, s, u], dim=-1)  # (G, 5)
+        embs = self.time_embedders()
+        w1 = torch.stack([e.mlp[0].weight for e in embs])
+        b1 = torch.stack([e.mlp[0].bias for e in embs])
+        w2 = torch.stack([e.mlp[2].weight for e in embs])
+        b2 = torch.stack([e.mlp[2].bias for e in embs])
+        e = self.ops.time_embed(times.to(w1.dtype), w1, b1, w2, b2)  # (G, 5, D)
+        y_emb = self.y_embedder.embedding_table(y)
+        g_emb = self.guidance_embedder.embedding_table(self.guidance_index(cfg, x_cond_scale))
+        e_t = e[:, 2]
+        c_enc = e[:, 0] + e[:, 1] + e_t + y_emb + g_emb
+        c_dec = e[:, 3] + e[:, 4] + e_t + y_emb
+        return c_enc, c_dec, e_t
+
+    def _check_inputs(self, s, u, xbar, t, x, y, cfg, x_cond_scale):
+        ev = self.config.event_shape
+        check_state("xbar", xbar, ev)
+        check_state("x", x, ev)
+        if xbar.device != x.device:
+            raise ValueError(f"xbar is on {xbar.device} but x is on {x.device}")
+        G = x.shape[0]
+        n_per_group("xbar", xbar.shape[0], G)
+        s = as_time("s", s, G, x)
+        u = as_time("u", u, G, x)
+        t = as_time("t", t, G, x)
+        if y is None:
+            y = torch.full((G,), self.config.num_classes, device=x.device, dtype=torch.long)
+        else:
+            if not torch.is_tensor(y) or y.dtype not in (torch.int32, torch.int64):
+                raise TypeError("y must be an integer tensor of class labels")
+            if y.dim() == 0:
+                y = y.expand(G)
+            if y.shape != (G,):
+                raise ValueError(f"y must have shape ({G},), got {tuple(y.shape)}")
+            if not torch.compiler.is_compiling() and bool(((y < 0) | (y > self.config.num_classes)).any()):
+                raise ValueError(f"y must lie in [0, {self.config.num_classes}] ({self.config.num_classes} = null class)")
+            y = y.long()
+        ones = torch.ones(G, device=x.device, dtype=x.dtype)
+        cfg = ones if cfg is None else torch.as_tensor(cfg, device=x.device, dtype=x.dtype).expand(G)
+        x_cond_scale = ones if x_cond_scale is None else torch.as_tensor(x_cond_scale, device=x.device,
+                                                                           dtype=x.dtype).expand(G)
+        return s, u, t, y, cfg, x_cond_scale
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, s, u, xbar, t, x, y: Optional[torch.Tensor] = None, cfg=None, x_cond_scale=None):
+        s, u, t, y, cfg, x_cond_scale = self._check_inputs(s, u, xbar, t, x, y, cfg, x_cond_scale)
+        ops = self.ops
+        D = self.config.hidden_size
+        c_enc, c_dec, e_t = self.conditioning(s, u, t, y, cfg, x_cond_scale)  # (G, D)
+        mods = [blk.adaLN_modulation(c_enc if i < self.config.encoder_depth else c_dec).chunk(6, dim=-1)
+                for i, blk in enumerate(self.blocks)]  # 6 × (G, D) per block
+        final_shift, final_scale = self.final_layer.adaLN_modulation(c_dec).chunk(2, dim=-1)
+        ctx_shift, ctx_scale = self.x_cond_adaLN(e_t).chunk(2, dim=-1)
+
+        h = self.x_embedder(xbar)  # (R, L, D)
+        hc = self.x_cond_embedder(x)  # (G, L, D)
+        tokens = ops.input_stage(h, self.pos_embed[0].to(h.dtype), hc, ctx_shift, ctx_scale)  # (R, L, D)
+
+        # Each block's two residual updates are fused with the LN→modulate that follows them, so the stream is
+        # read and written once per sub-layer: (x, y) = (x + gate·branch, LN(x + gate·branch)·(1+scale)+shift).
+        nxt = [(m[0], m[1]) for m in mods[1:]] + [(final_shift, final_scale)]
+        if mods:
+            y_mod = ops.ln_modulate(tokens, mods[0][0], mods[0][1])
+        else:
+            y_mod = ops.ln_modulate(tokens, final_shift, final_scale)
+        for i, blk in enumerate(self.blocks):
+            args = (tokens, y_mod, mods[i], nxt[i])
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                tokens, y_mod = torch.utils.checkpoint.checkpoint(self._block, blk, *args, use_reentrant=False)
+            else:
+                tokens, y_mod = self._block(blk, *args)
+        out = self.final_layer.linear(y_mod)  # (R, L, p·p·C_out)
+        p, C, n = self.config.patch_size, self.config.out_channels, self.config.input_size // self.config.patch_size
+        img = rearrange(out, "r (h w) (p q c) -> r c (h p) (w q)", h=n, w=n, p=p, q=p, c=C)
+        img = img[:, : self.config.in_channels]
+        return -img if self.config.time_flip else img
+
+    def _block(self, blk, x, y_mod, mod, nxt):
+        ops = self.ops
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        R, L, D = x.shape
+        H = blk.attn.num_heads
+        qkv = F.linear(y_mod, blk.attn.qkv.weight, blk.attn.qkv.bias)
+        q, k, v = rearrange(qkv, "r l (three h d) -> three r h l d", three=3, h=H).unbind(0)
+        a = rearrange(ops.attention(q, k, v), "r h l d -> r l (h d)")
+        a = F.linear(a, blk.attn.proj.weight, blk.attn.proj.bias)
+        x, y_mod = ops.gate_residual_ln_modulate(x, a, gate_msa, shift_mlp, scale_mlp)
+        m = ops.bias_gelu(F.linear(y_mod, blk.mlp.fc1.weight), blk.mlp.fc1.bias)
+        m = F.linear(m, blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+        return ops.gate_residual_ln_modulate(x, m, gate_mlp, nxt[0], nxt[1])
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"hidden={c.hidden_size}, depth={c.depth}, heads={c.num_heads}, tokens={c.num_tokens}, impl={self.impl}"

@@ -1,0 +1,110 @@
+"""Model-level primitives on any model following the protocol forward(s, u, xbar, t, x, **cond) -> v.
+
+flow_map, one-step posterior sampling, the unconditional drift, and the K-step refinement sampler (METHOD §2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ._checks import as_time, check_positive_int, check_state, n_per_group
+from .interpolant import bcast
+
+
+def event_shape_of(model, x: torch.Tensor) -> tuple:
+    return tuple(getattr(model, "event_shape", x.shape[1:]))
+
+
+def expand_cond(cond: dict, groups: int, n: int) -> dict:
+    """Repeat per-context conditioning tensors n times per row (for models without particle-group support)."""
+    out = {}
+    for k, v in cond.items():
+        if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == groups:
+            v = v.repeat_interleave(n, dim=0)
+        out[k] = v
+    return out
+
+
+def call_model(model, s, u, xbar, t, x, **cond) -> torch.Tensor:
+    """v_{s,u}(xbar; t, x) where xbar may hold N particles per context row (rows grouped contiguously)."""
+    G = x.shape[0]
+    N = n_per_group("xbar", xbar.shape[0], G)
+    if N == 1 or getattr(model, "supports_particle_groups", False):
+        return model(s, u, xbar, t, x, **cond)
+    rep = lambda z: z.repeat_interleave(N, dim=0)  # noqa: E731
+    return model(rep(s), rep(u), xbar, rep(t), rep(x), **expand_cond(cond, G, N))
+
+
+def flow_map(model, s, u, xbar, t, x, **cond) -> torch.Tensor:
+    """X_{s,u}(xbar; t, x) = xbar + (u - s)·v_{s,u}(xbar; t, x)."""
+    check_state("x", x)
+    check_state("xbar", xbar, x.shape[1:])
+    G = x.shape[0]
+    s = as_time("s", s, G, x)
+    u = as_time("u", u, G, x)
+    t = as_time("t", t, G, x)
+    v = call_model(model, s, u, xbar, t, x, **cond)
+    return xbar + bcast(u - s, xbar) * v
+
+
+def posterior_sample(model, t, x, n: int = 1, generator: Optional[torch.Generator] = None, noise=None,
+                     **cond) -> torch.Tensor:
+    """One-step samples of p(x1 | x_t = x): X_{0,1}(ε; t, x), ε ~ N(0, I). Returns (B, n, *event).
+
+    Differentiable in x (the value-gradient estimators backpropagate through this). `noise` (B·n, *event) may be
+    given instead of drawing ε.
+    """
+    check_state("x", x)
+    check_positive_int("n", n)
+    B = x.shape[0]
+    t = as_time("t", t, B, x)
+    if noise is None:
+        noise = torch.randn((B * n, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+    else:
+        check_state("noise", noise, x.shape[1:], batch=B * n)
+    zeros, ones = torch.zeros_like(t), torch.ones_like(t)
+    x1 = noise + call_model(model, zeros, ones, noise, t, x, **cond)
+    return x1.view(B, n, *x.shape[1:])
+
+
+def drift(model, t, x, **cond) -> torch.Tensor:
+    """Unconditional drift b_t(x) = v_{t,t}(x; 0, 0): the t = 0 context carries no information."""
+    check_state("x", x)
+    t = as_time("t", t, x.shape[0], x)
+    return model(t, t, x, torch.zeros_like(t), torch.zeros_like(x), **cond)
+
+
+@dataclass
+class SampleResult:
+    samples: torch.Tensor
+    nfe: int
+
+
+@torch.no_grad()
+def refine_sample(model, noise: torch.Tensor, steps: int = 1, generator: Optional[torch.Generator] = None,
+                  return_result: bool = False, **cond):
+    """K-step refinement sampler (K NFE): x = ε; for each grid point s_j, x̂1 = X_{0,1}(ε'; s_j, x), then
+    x = (1 - s_{j+1})·ξ + s_{j+1}·x̂1 with fresh ε', ξ. Grid 0 = s_0 < ... < s_K = 1."""
+    check_state("noise", noise)
+    check_positive_int("steps", steps)
+    x = noise
+    grid = torch.linspace(0, 1, steps + 1, device=x.device, dtype=x.dtype)
+    x1 = x
+    for j in range(steps):
+        x1 = posterior_sample(model, grid[j], x, 1, generator=generator, **cond)[:, 0]
+        if j + 1 < steps:
+            xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = (1 - grid[j + 1]) * xi + grid[j + 1] * x1
+    return SampleResult(x1, steps) if return_result else x1
+
+
+@torch.no_grad()
+def ode_sample(model, noise: torch.Tensor, steps: int = 100, t_start: float = 0.0, **cond) -> torch.Tensor:
+    """Euler integration of the unconditional drift b_t from t_start to 1 (the base flow-model sampler)."""
+    x = noise
+    grid = torch.linspace(t_start, 1, steps + 1, device=x.device, dtype=x.dtype)
+    for j in range(steps):
+        x = x + (grid[j + 1] - grid[j]) * drift(model, grid[j], x, **cond)
+    return x

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Idempotent install: a CPU machine gets the CPU torch wheel, never a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! $PY -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    $PY -m pip install -q torch
+  else
+    $PY -m pip install -q "torch==2.13.0"
+  fi
+fi
+EXTRAS=${1:-dev}
+if ! $PY -c "import mfm_fast, einops, safetensors, tqdm, matplotlib, pytest, sklearn, hypothesis, pytest_benchmark" 2>/dev/null \
+   || ! $PY -m pip show -q mfm_fast >/dev/null 2>&1; then
+  $PY -m pip install -q -e ".[${EXTRAS}]"
+fi
