@@ -27,6 +27,11 @@ _EXPORTS = {
     "save": "mfm_fast.train",
     "load_official_mfm": "mfm_fast.models.checkpoints",
     "mfm_from_sit": "mfm_fast.models.checkpoints",
+    "save_safetensors": "mfm_fast.models.checkpoints",
+    "LatentShards": "mfm_fast.latents",
+    "decode_latents": "mfm_fast.latents",
+    "save_image_grid": "mfm_fast.latents",
+    "get_reward_model": "mfm_fast.reward_models",
 }
 _SUBMODULES = {"data", "metrics", "rewards", "losses", "interpolant", "glass", "value", "steer", "finetune",
                "train", "backend", "ops", "models", "sampling", "graphs", "experiments"}

@@ -34,6 +34,28 @@ def triton_status() -> tuple[bool, str]:
     return True, f"CUDA ({torch.cuda.get_device_name()})"
 
 
+def check_triton_tensors(**tensors) -> None:
+    """Raise a clear error when the Triton kernels cannot take these tensors (device, dtype, interpreter)."""
+    import torch
+    devices = {t.device for t in tensors.values() if t is not None}
+    if len(devices) > 1:
+        raise ValueError("all inputs must be on one device: "
+                         + ", ".join(f"{k} on {t.device}" for k, t in tensors.items() if t is not None))
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.device.type == "cpu":
+            if not interpreter_on():
+                raise RuntimeError(f"{name} is a CPU tensor: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
+                                   "set before triton is imported (use impl='torch' for the CPU reference)")
+            if t.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"{name} has dtype {t.dtype}, which the Triton interpreter cannot run (use float32)")
+        elif t.device.type != "cuda":
+            raise RuntimeError(f"{name} is on {t.device}; the Triton kernels run on CUDA devices only")
+
+
 _warned = False
 
 
@@ -68,10 +90,23 @@ def triton_ops():
     return _Ops(**fused.OPS, name="triton")
 
 
+def op_kernels(impl: str) -> dict:
+    """op name -> 'triton' or 'ref' for the op table MFMDiT(impl=...) would use (impl already resolved)."""
+    from .models.dit import _Ops, reference_ops
+    ops = triton_ops() if impl == "triton" else reference_ops()
+    names = [f for f in _Ops.__dataclass_fields__ if f != "name"]
+    kinds = {n: ("ref" if getattr(ops, n).__name__.endswith("_ref") else "triton") for n in names}
+    if kinds["attention"] == "triton":
+        kinds["attention"] = "dispatch (see attention)"  # flash/xformers/SDPA kernels, chosen per call
+    return kinds
+
+
 def info() -> dict:
     import platform
 
     import torch
+
+    from .ops.attention import backend_table
     out = {"mfm_fast": __import__("mfm_fast").__version__, "python": platform.python_version(),
            "torch": torch.__version__}
     try:
@@ -85,13 +120,28 @@ def info() -> dict:
     out["triton_runs"] = f"{ok} ({reason})"
     out["MFM_FAST_IMPL"] = os.environ.get("MFM_FAST_IMPL", "auto")
     try:
-        out["impl"] = resolve_impl("auto")
+        with warnings.catch_warnings():  # the fallback is reported in this table, not as a warning
+            warnings.simplefilter("ignore")
+            impl = resolve_impl("auto")
+        out["impl"] = impl
+        for op, kind in op_kernels(impl).items():
+            out[f"op {op}"] = kind
     except RuntimeError as e:
         out["impl"] = f"error: {e}"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    head_dim = 72  # MFM-XL/2
+    for need_jvp in (False, True):
+        table = backend_table(device, torch.bfloat16, head_dim, need_jvp)
+        chosen = next((name for name, good, _ in table if good), "none")
+        key = "attention (jvp)" if need_jvp else "attention"
+        out[key] = f"{chosen} (bf16, head dim {head_dim}, {device})"
+        if not need_jvp:
+            for name, good, reasons in table:
+                out[f"  {name}"] = "ok" if good else "; ".join(reasons)
     return out
 
 
 def info_main(argv=None) -> int:
     for k, v in info().items():
-        print(f"{k:>16}: {v}")
+        print(f"{k:>28}: {v}")
     return 0

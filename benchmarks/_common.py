@@ -1,0 +1,98 @@
+"""Helpers shared by the benchmark suites: device facts, peer measurements and synchronised timing.
+
+Numbers measured on a CPU (the smoke run) exercise the code only; they are not performance numbers.
+"""
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import torch
+
+
+def on_cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def sync(device) -> None:
+    if on_cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke run, not a performance number)"
+
+
+@functools.lru_cache(maxsize=None)
+def versions() -> dict:
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda or "none"}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = "not installed"
+    return out
+
+
+def timed(fn, device, warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds of fn() over iters calls, each synchronised (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if on_cuda(device):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth(device: str = "cuda", nbytes: int | None = None) -> float:
+    """Device copy bandwidth in GB/s: a large tensor clone counts one read and one write of every byte."""
+    if nbytes is None:
+        nbytes = (1 << 30) if on_cuda(device) else (16 << 20)
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    seconds = timed(x.clone, device, warmup=3, iters=20 if on_cuda(device) else 5)
+    return 2 * nbytes / seconds / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_peak_tflops(device: str = "cuda", n: int | None = None) -> float:
+    """Achievable dense matmul TFLOP/s: n³ A @ A (bf16, n = 8192 on GPU; fp32, n = 256 on the CPU smoke run)."""
+    if n is None:
+        n = 8192 if on_cuda(device) else 256
+    dtype = torch.bfloat16 if on_cuda(device) else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timed(lambda: a @ a, device, warmup=3, iters=10 if on_cuda(device) else 3)
+    return 2 * n ** 3 / seconds / 1e12
+
+
+def run(benchmark, fn, device, rounds: int = 20, warmup_rounds: int = 3):
+    """pytest-benchmark pedantic run whose target ends with a device synchronisation.
+
+    Returns (fn's last result, seconds): the benchmark's median, or with --benchmark-disable (one call, no
+    statistics) that call's synchronised wall time.
+    """
+    result, last = [], []
+
+    def target():
+        t0 = time.perf_counter()
+        result.append(fn())
+        sync(device)
+        last.append(time.perf_counter() - t0)
+
+    benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.data:
+        return result[-1], stats.stats.median
+    return result[-1], last[-1]

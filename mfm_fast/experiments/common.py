@@ -1,0 +1,210 @@
+"""Shared plumbing for the experiments: devices, output folders, tables (markdown + CSV), timing, figures."""
+from __future__ import annotations
+
+import csv
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def out_dir(path) -> Path:
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def cache_dir() -> Path:
+    """Where trained checkpoints are reused between runs: $MFM_FAST_CACHE or ~/.cache/mfm_fast."""
+    return out_dir(os.environ.get("MFM_FAST_CACHE", Path.home() / ".cache" / "mfm_fast"))
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def timer(device="cpu"):
+    """with timer(dev) as elapsed: ...; elapsed() -> seconds (device work included)."""
+    sync(device)
+    t0 = time.perf_counter()
+    box = {}
+    yield lambda: box.get("dt", time.perf_counter() - t0)
+    sync(device)
+    box["dt"] = time.perf_counter() - t0
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "–"
+        a = abs(v)
+        if a != 0 and (a >= 1e5 or a < 1e-3):
+            return f"{v:.3g}"
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] = None) -> str:
+    columns = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_table(rows: Sequence[dict], out: Path, name: str, title: str = "", columns=None,
+                echo: bool = True) -> str:
+    """Writes <name>.md and <name>.csv under out, prints the markdown, returns it."""
+    columns = list(columns or rows[0].keys())
+    md = (f"### {title}\n\n" if title else "") + markdown_table(rows, columns) + "\n"
+    (out / f"{name}.md").write_text(md)
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    if echo:
+        print(md, flush=True)
+    return md
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (headless)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def scatter_panels(panels: Sequence[tuple], path: Path, lim=None, ncols: int = None, point_size: float = 1.0):
+    """One 2-D scatter per (title, samples (n, 2)) panel, written to path (PNG)."""
+    plt = pyplot()
+    n = len(panels)
+    ncols = ncols or min(n, 4)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (title, x) in zip(axes.flat, panels):
+        x = x.detach().float().cpu()
+        ax.scatter(x[:, 0], x[:, 1], s=point_size, alpha=0.5, linewidths=0)
+        ax.set_title(title, fontsize=9)
+        if lim is not None:
+            ax.set_xlim(*lim)
+            ax.set_ylim(*lim)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- GMM problem
+@dataclass
+class Problem:
+    """The paper's 2-D GMM inverse problem (METHOD §6): data, reward, λ, and the exact tilted target."""
+    gmm: object
+    reward: object
+    lam: float
+    tilted: object
+
+
+def paper_problem(device, lam: float = 1.0) -> Problem:
+    from ..data import PAPER_REWARD, paper_gmm
+    from ..rewards import LinearInverseReward
+    gmm = paper_gmm(dtype=torch.float32, device=device)
+    reward = LinearInverseReward(PAPER_REWARD["A"], PAPER_REWARD["y"], PAPER_REWARD["sigma"],
+                                 name="paper_linear_inverse").to(device=device, dtype=torch.float32)
+    tilted = gmm.tilt(reward.A, reward.y, reward.sigma, lam)
+    return Problem(gmm, reward, lam, tilted)
+
+
+def gmm_mfm(device, quick: bool = False, retrain: bool = False, progress: bool = True):
+    """The GMM Meta Flow Map trained with `train.gmm_defaults()` (quick: a tiny budget), cached under
+    cache_dir() by its configuration. Returns (model in eval mode on device, one-line description)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from ..data import paper_gmm
+    from ..models import MFMMLP
+    from ..train import gmm_defaults, load, save, train
+    model_kw, cfg = gmm_defaults()
+    if quick:
+        cfg = dataclasses.replace(cfg, steps=150)
+    cfg = dataclasses.replace(cfg, device=str(device))
+    spec = {"model": model_kw, "train": {k: v for k, v in dataclasses.asdict(cfg).items()
+                                         if k not in ("device", "log_every", "checkpoint_every")}}
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = cache_dir() / f"gmm_mfm_{key}.pt"
+    if path.exists() and not retrain:
+        return load(str(path), map_location=device), f"reusing the cached GMM MFM {path}"
+    torch.manual_seed(cfg.seed)
+    gmm = paper_gmm(dtype=torch.float32)
+    with timer(device) as elapsed:
+        result = train(MFMMLP(**model_kw), gmm.sample, cfg, progress=progress)
+    save(result.model, str(path), ema=result.ema, train_config=spec["train"])
+    model = result.ema.to(device).eval()
+    return model, f"trained the GMM MFM ({cfg.steps} steps, {elapsed():.0f} s) -> {path}"
+
+# ---------------------------------------------------------------------------------------------- methods
+@dataclass
+class MethodSpec:
+    label: str
+    method: str  # a steer() method, "best-of-n", or "exact" (samples given)
+    n: int = 1  # value-estimator particles / search candidates / Best-of-N candidates
+    kwargs: dict = field(default_factory=dict)  # extra steer() options (e.g. population for SMC)
+
+
+def run_method(model, reward, noise, spec: MethodSpec, steps: int, lam: float, generator, progress=None, **cond):
+    """(SteerResult, wall seconds) of one sampler from `noise`."""
+    from ..steer import best_of_n, steer
+    with timer(noise.device) as elapsed:
+        if spec.method == "best-of-n":
+            res = best_of_n(model, reward, noise, spec.n, steps=steps, generator=generator, return_result=True,
+                            progress=progress, **cond)
+        else:
+            res = steer(model, reward, noise, steps=steps, method=spec.method, n_particles=spec.n, lam=lam,
+                        generator=generator, return_result=True, progress=progress, **spec.kwargs, **cond)
+    return res, elapsed()
+
+
+def distances(samples, target, generator, n_projections: int = 256) -> dict:
+    from ..metrics import mmd, sliced_w2
+    return {"sliced-W2": float(sliced_w2(samples, target, n_projections=n_projections, generator=generator)),
+            "MMD": float(mmd(samples, target))}
+
+
+def score_rows(spec: MethodSpec, res, wall: float, target, generator, samples=None, reward=None) -> dict:
+    """One table row: distances to the target, mean reward, counted work per sample, paper NFE, wall time."""
+    row = {"method": spec.label, "N": spec.n if spec.method not in ("none", "dps", "exact") else "–"}
+    if res is not None:
+        samples = res.samples
+        row.update(distances(samples, target, generator))
+        row["mean reward"] = res.mean_reward
+        c = res.cost
+        row["fwd evals/sample"] = c.forward_evals / max(c.batch, 1)
+        row["bwd evals/sample"] = c.backward_evals / max(c.batch, 1)
+        row["paper NFE"] = c.nfe if c.nfe is not None else "–"
+    else:
+        row.update(distances(samples, target, generator))
+        row["mean reward"] = float(reward(samples).float().mean())
+        row.update({"fwd evals/sample": "–", "bwd evals/sample": "–", "paper NFE": "–"})
+    row["wall s"] = wall
+    return row

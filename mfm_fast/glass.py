@@ -1,0 +1,101 @@
+"""GLASS conditional drift from any teacher drift (METHOD §2.2) and the GLASS-rollout posterior sampler (baseline).
+
+The conditional drift b̄_s(x̄; t, x) = E[I1 − Ī0 | Ī_s = x̄, I_t = x] of two noisy looks at the same I1 equals one
+call of the unconditional teacher drift at a merged observation (t*, x*). Integrating it over s ∈ [0, 1] from
+x̄ = ε gives posterior samples of p(x1 | x_t = x) at `steps` teacher calls each — the expensive baseline that a meta
+flow map replaces with a single call.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from ._checks import as_time, check_finite_scalar, check_positive_int, check_state
+from .interpolant import bcast
+
+
+def glass_drift(teacher_drift: Callable, s, xbar: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
+    """b̄_s(x̄; t, x) in closed form from `teacher_drift(t, x) -> b_t(x)` (t a (B,) tensor).
+
+    With D = t²(1−s)² + s²(1−t)², r = √D, q = (1−s)(1−t):
+        t* = r/(r + q),   x* = [t(1−s)²·x + s(1−t)²·x̄]/(r(r + q)),
+        b̄ = [x* − x̄ + (1−t*)·b_{t*}(x*)]/(1−s).
+    The two terms are evaluated in forms that carry the factor (1 − s) explicitly, so the result is accurate up to
+    s = 1 (where b̄ = b_1(x̄)) and at t = 1 (where b̄ = (x − x̄)/(1−s)); at t = 0 it is b_s(x̄) exactly.
+    `s`, `t`: scalars or (B,); `xbar`, `x`: (B, *event) of one shape. Singular only at s = t = 1.
+    """
+    if not callable(teacher_drift):
+        raise TypeError(f"teacher_drift must be callable (t, x) -> b_t(x), got {type(teacher_drift).__name__}")
+    check_state("x", x)
+    check_state("xbar", xbar, x.shape[1:], batch=x.shape[0])
+    B = x.shape[0]
+    s = as_time("s", s, B, x)
+    t = as_time("t", t, B, x)
+    tiny = torch.finfo(x.dtype).tiny
+    at0 = t == 0  # the context carries no information: t* = s, x* = x̄
+    one_m_s, one_m_t = 1 - s, 1 - t
+    r = torch.sqrt(t ** 2 * one_m_s ** 2 + s ** 2 * one_m_t ** 2)
+    q = one_m_s * one_m_t
+    rq = (r + q).clamp_min(tiny)
+    den = torch.where(at0, torch.ones_like(r), (r * rq).clamp_min(tiny))
+    t_star = torch.where(at0, s, r / rq)
+    x_star = (bcast(t * one_m_s ** 2 / den, x) * x + bcast(s * one_m_t ** 2 / den, x) * xbar)
+    x_star = torch.where(bcast(at0, x), xbar, x_star)
+    b = teacher_drift(t_star, x_star)
+    # (x* − x̄)/(1−s) = t(1−s)·[x − t·x̄ − (1−t)·t·(1−s)·x̄/(r + s(1−t))]/(r(r + q)), and (1−t*)/(1−s) = (1−t)/(r + q)
+    corr = t * one_m_s * one_m_t / (r + s * one_m_t).clamp_min(tiny)
+    shift = bcast(t * one_m_s / den, x) * (x - bcast(t + corr, x) * xbar)
+    out = shift + bcast(one_m_t / rq, x) * b
+    return torch.where(bcast(at0, x), b, out)
+
+
+def glass_posterior_sample(teacher_drift: Callable, t, x: torch.Tensor, n: int, steps: int = 32,
+                           generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None,
+                           return_nfe: bool = False):
+    """(B, n, *event) samples of p(x1 | x_t = x) by Euler-integrating dx̄/ds = b̄_s(x̄; t, x) from x̄ = ε at s = 0 to
+    s = 1 in `steps` steps (one teacher call each on B·n rows). Differentiable in x.
+
+    `noise` (B·n, *event) may be given instead of drawing ε. With return_nfe=True returns (samples, teacher calls).
+    """
+    check_state("x", x)
+    check_positive_int("n", n)
+    check_positive_int("steps", steps)
+    B, event = x.shape[0], x.shape[1:]
+    t = as_time("t", t, B, x)
+    if noise is None:
+        noise = torch.randn((B * n, *event), generator=generator, device=x.device, dtype=x.dtype)
+    else:
+        check_state("noise", noise, event, batch=B * n)
+    tn, xn = t.repeat_interleave(n), x.repeat_interleave(n, dim=0)
+    grid = torch.linspace(0, 1, steps + 1, device=x.device, dtype=x.dtype)
+    xbar = noise
+    for j in range(steps):
+        xbar = xbar + (grid[j + 1] - grid[j]) * glass_drift(teacher_drift, grid[j], xbar, tn, xn)
+    out = xbar.view(B, n, *event)
+    return (out, steps) if return_nfe else out
+
+
+def glass_value_and_grad(teacher_drift: Callable, reward: Callable, t, x: torch.Tensor, n_particles: int,
+                         steps: int = 32, lam: float = 1.0, generator: Optional[torch.Generator] = None):
+    """V̂_t(x) = logsumexp_i λ·r(x̂^i) − log N over N GLASS-rollout posterior samples, and ∇_x V̂ by autograd
+    through the rollouts. Returns (V (B,), grad (B, *event)); `reward(x1) -> (B·N,)`."""
+    check_state("x", x)
+    N = check_positive_int("n_particles", n_particles)
+    lam = check_finite_scalar("lam", lam)
+    if not callable(reward):
+        raise TypeError(f"reward must be callable x1 -> (n,), got {type(reward).__name__}")
+    B = x.shape[0]
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        x1 = glass_posterior_sample(teacher_drift, t, xg, N, steps=steps, generator=generator)
+        r = reward(x1.reshape(B * N, *x.shape[1:]))
+        if not torch.is_tensor(r) or r.shape != (B * N,):
+            raise ValueError(f"reward must return a tensor of shape ({B * N},), got "
+                             f"{tuple(r.shape) if torch.is_tensor(r) else type(r).__name__}")
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError("reward returned non-finite values")
+        v = torch.logsumexp(lam * r.view(B, N).to(x.dtype), dim=1) - math.log(N)
+        (grad,) = torch.autograd.grad(v.sum(), xg)
+    return v.detach(), grad

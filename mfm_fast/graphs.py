@@ -1,0 +1,222 @@
+"""CUDA-graph capture of a whole steering step: posterior samples, rewards, value gradient, drift, Doob update.
+
+One step of `steer` (methods "none", "mfm-g", "mfm-gf", "dps") is a function of tensors only
+(`steer.make_step`), so it is captured once for static shapes and replayed K times. What changes per step lives
+in device memory the graph reads: the step index (the time t and the step dt are gathered from the grid inside the
+graph) and the state x (updated in place). The step noise is drawn inside the graph from the caller's CUDA
+generator, registered with the graph (`CUDAGraph.register_generator_state`; the default generator is registered by
+torch itself): replay k consumes exactly the random numbers eager step k would, in the same order (ε, then the SDE
+noise ξ), so graphed and eager steering give the same samples for the same seed.
+
+Capture is impossible with CPU tensors, for the search/SMC samplers (their control flow reads values on the host),
+and when anything in the step synchronises with the host (e.g. a reward calling `.item()`); those raise
+`GraphCaptureError` with the reason, and `steer(graph=True)` then falls back to eager with a warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+from typing import Callable, Optional
+
+import torch
+
+from .steer import (_check_common, _finish, _progress, make_step, paper_nfe)
+from .value import Cost, CountedModel, CountedReward
+
+GRAPH_METHODS = ("none", "mfm-g", "mfm-gf", "dps")
+
+
+class GraphCaptureError(RuntimeError):
+    """A steering step cannot be captured as a CUDA graph; the message says why."""
+
+
+def _origin(exc: BaseException) -> str:
+    """'file:line in function' of the innermost frame outside torch, where the offending call was made."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    where = os.path.join(*f.filename.split(os.sep)[-2:])
+    return f" at {where}:{f.lineno} in {f.name}"
+
+
+def _reason(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    low = str(exc).lower()
+    if "capturing" in low or "capture" in low or "synchroniz" in low:
+        return f"the step synchronises with the host or calls a CUDA API that graphs forbid{_origin(exc)} ({msg})"
+    return f"the step raised {type(exc).__name__}{_origin(exc)}: {msg}"
+
+
+def _generator_states(generators):
+    return [g.get_state() for g in generators]
+
+
+def _restore_generators(generators, states):
+    for g, s in zip(generators, states):
+        g.set_state(s)
+
+
+def _reset_after_failed_capture(graph_pool, generators, device):
+    """A capture aborted inside CUDA leaves the allocator routing to its pool and the registered generators in
+    capture mode (their eager draws would then fail); end both so eager work can go on."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with contextlib.suppress(Exception):  # private allocator hooks: best effort, absent on some builds
+        torch._C._cuda_endAllocateToPool(index, graph_pool)
+        torch._C._cuda_releasePool(index, graph_pool)
+    repair = torch.cuda.CUDAGraph()
+    for g in generators:
+        repair.register_generator_state(g)
+    buf = torch.zeros(1, device=device)
+    with torch.cuda.stream(torch.cuda.Stream(device)):
+        repair.capture_begin()  # a trivial capture whose epilogue takes the generators out of capture mode
+        buf.add_(1)
+        repair.capture_end()
+
+
+class GraphedSteerStep:
+    """One steering step captured as a CUDA graph. `replay()` advances the static state `x` by one grid step.
+
+    step: `steer.make_step(...)` output, `step(x, t, dt, eps, xi) -> x_next`. grid: (K+1,) times on x's device.
+    `eps` (B, n_particles, *event) is drawn per step when `draw_eps`, then `xi` (B, *event) when `draw_xi`, both
+    from `generator` (None: the default CUDA generator), exactly as the eager loop of `steer` draws them.
+    `warmup` eager runs on a side stream precede the capture; `before_capture()` is called between the two.
+    """
+
+    def __init__(self, step, x0: torch.Tensor, grid: torch.Tensor, *, n_particles: int, draw_eps: bool,
+                 draw_xi: bool, generator: Optional[torch.Generator] = None, warmup: int = 2,
+                 before_capture: Optional[Callable[[], None]] = None):
+        if not torch.cuda.is_available():
+            raise GraphCaptureError("CUDA graphs need a CUDA device; none is available")
+        if x0.device.type != "cuda" or grid.device != x0.device:
+            raise GraphCaptureError(f"CUDA graphs need CUDA tensors; the state is on {x0.device}")
+        if generator is not None and generator.device.type != "cuda":
+            raise GraphCaptureError(f"the generator is on {generator.device}; in-graph noise needs a CUDA generator")
+        self.device = x0.device
+        self.steps = grid.shape[0] - 1
+        self._step, self._gen = step, generator
+        self._eps_shape = (x0.shape[0], n_particles, *x0.shape[1:]) if draw_eps else None
+        self._draw_xi = draw_xi
+        self.x = x0.detach().clone()  # static state, advanced in place by each replay
+        self.grid = grid.detach()
+        self.dts = self.grid[1:] - self.grid[:-1]  # same values as eager's grid[k+1] - grid[k]
+        self.idx = torch.zeros(1, dtype=torch.long, device=self.device)  # static step index, incremented in graph
+        self.k = 0
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        default = torch.cuda.default_generators[index]
+        gens = [default] if generator is None or generator is default else [default, generator]
+        saved = _generator_states(gens)
+
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(side):  # lazy initialisation and kernel autotuning happen here, not in capture
+                for _ in range(max(1, warmup)):
+                    self._body()
+        except Exception as e:
+            raise GraphCaptureError(f"the eager warm-up of the step failed: {_reason(e)}") from e
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        self.reset(x0)
+        _restore_generators(gens, saved)
+        if before_capture is not None:
+            before_capture()
+
+        self.graph = torch.cuda.CUDAGraph()
+        if generator is not None and generator is not default:
+            self.graph.register_generator_state(generator)  # the default generator is registered by torch
+        pool = torch.cuda.graph_pool_handle()
+        error, ended = None, False
+        with torch.cuda.stream(side):
+            self.graph.capture_begin(pool=pool)
+            try:
+                self._body()
+            except Exception as e:
+                error = e
+            finally:
+                try:
+                    self.graph.capture_end()
+                    ended = True
+                except Exception as e:
+                    error = error or e
+        if error is not None:
+            if not ended:
+                _reset_after_failed_capture(pool, gens, self.device)
+            _restore_generators(gens, saved)
+            self.graph = None
+            raise GraphCaptureError(_reason(error)) from error
+        torch.cuda.synchronize(self.device)
+        self.reset(x0)
+        _restore_generators(gens, saved)
+
+    def _body(self):
+        t = self.grid.index_select(0, self.idx).squeeze(0)
+        dt = self.dts.index_select(0, self.idx).squeeze(0)
+        eps = None
+        if self._eps_shape is not None:
+            eps = torch.randn(self._eps_shape, generator=self._gen, device=self.device, dtype=self.x.dtype)
+        xi = torch.randn(self.x.shape, generator=self._gen, device=self.device, dtype=self.x.dtype) \
+            if self._draw_xi else None
+        x_next = self._step(self.x, t, dt, eps, xi)
+        self.x.copy_(x_next)
+        self.idx.add_(1)
+
+    def reset(self, x0: torch.Tensor) -> None:
+        """Start again from x0 at the first grid point (the generator is left where it is)."""
+        self.x.copy_(x0)
+        self.idx.zero_()
+        self.k = 0
+
+    def replay(self) -> torch.Tensor:
+        """Run one step; returns the static state (clone it to keep it past the next replay)."""
+        if self.k >= self.steps:
+            raise RuntimeError(f"all {self.steps} steps of the grid have run; call reset(x0) first")
+        self.graph.replay()
+        self.k += 1
+        return self.x
+
+
+def steer_graphed(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "mfm-g",
+                  n_particles: int = 1, lam: float = 1.0, sde: bool = False, renorm: Optional[str] = None,
+                  t_start: float = 0.01, generator: Optional[torch.Generator] = None, return_result: bool = False, *,
+                  renorm_scale: float = 1.0, clamp_ratio: Optional[float] = 25.0, chunk_size: Optional[int] = None,
+                  progress: Optional[bool] = None, warmup: int = 2, **kwargs):
+    """`steer` with each step replayed from one CUDA graph; same arguments, same results for the same seed.
+
+    Supports methods "none", "mfm-g", "mfm-gf", "dps" (ODE or SDE, with renorm). Raises GraphCaptureError when
+    the step cannot be captured (CPU tensors, search/SMC, host synchronisation in the model or the reward).
+    `search_mode`, `population`, `smc_estimator`, `ess_threshold` are accepted for signature parity with `steer`
+    (they concern only the samplers that are not captured).
+    """
+    sampler_only = {"search_mode", "population", "smc_estimator", "ess_threshold"}
+    cond = {k: v for k, v in kwargs.items() if k not in sampler_only}
+    if method not in GRAPH_METHODS:
+        raise GraphCaptureError(f"method {method!r} is not captured (its sampler reads values on the host); "
+                                f"graphed methods: {GRAPH_METHODS}")
+    if noise.device.type != "cuda":
+        raise GraphCaptureError(f"CUDA graphs need CUDA tensors; noise is on {noise.device}")
+    t_start = _check_common(model, noise, steps, t_start)
+    B = noise.shape[0]
+    grid = torch.linspace(t_start, 1, steps + 1, device=noise.device, dtype=noise.dtype)
+    step_kw = dict(method=method, sde=sde, lam=lam, renorm=renorm, renorm_scale=renorm_scale,
+                   clamp_ratio=clamp_ratio, chunk_size=chunk_size, cond=cond)
+    # one step's work is counted while it is captured; every replay repeats exactly that work
+    per_step = Cost()
+
+    def count_capture_only():
+        for field in ("forward_calls", "forward_evals", "backward_evals", "reward_evals"):
+            setattr(per_step, field, 0)
+
+    step = make_step(CountedModel(model, per_step), CountedReward(reward, per_step), **step_kw)
+    with torch.no_grad():
+        graphed = GraphedSteerStep(step, noise, grid, n_particles=n_particles,
+                                   draw_eps=method in ("mfm-g", "mfm-gf"), draw_xi=sde, generator=generator,
+                                   warmup=warmup, before_capture=count_capture_only)
+    cost = Cost(batch=B, nfe=paper_nfe(method, steps, n_particles))
+    for field in ("forward_calls", "forward_evals", "backward_evals", "reward_evals"):
+        setattr(cost, field, getattr(per_step, field) * steps)
+    for _ in _progress(range(steps), progress, f"steer[{method}, graph]"):
+        graphed.replay()
+    return _finish(graphed.x.clone(), cost, reward, return_result)

@@ -1,0 +1,331 @@
+"""Meta-Flow-Map training losses (METHOD §2.1–2.3) on any model following the protocol
+`model(s, u, xbar, t, x, **cond) -> v_{s,u}(xbar; t, x)`.
+
+Every loss returns `(loss, logs)`: `loss` a differentiable scalar, `logs` a dict of detached 0-dim tensors (kept
+on the device so that a training step needs no host sync; call `.item()` when logging).
+
+All randomness (context time t, inner times, noises, label dropout) comes from a `Draws` record. Passing the
+same `Draws` makes a loss deterministic, and slicing one `Draws` drawn for a global batch gives each data-parallel
+rank its share of exactly the randomness a single process would use.
+
+Coupled interpolants share the data point I1 (METHOD §2.1):
+    x = I_t = (1-t)·I0 + t·I1   (context; x = 0 where t = 0, as at sampling time)
+    x̄ = Ī_s = (1-s)·Ī0 + s·I1  (transported state),   I0, Ī0 ~ N(0, I) independent.
+Targets are stop-gradient. Adaptive weighting: ℓ = sg(w)·‖Δ‖², w = (‖Δ‖² + c)^(-p), with ‖Δ‖² the per-sample MEAN
+of squares over the event dimensions (so c means the same for every data size).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
+
+import torch
+from torch.func import jvp
+
+from ._checks import check_finite_scalar, check_positive_int, check_state
+from .interpolant import bcast, interpolate
+
+CONSISTENCY = ("meanflow", "lsd", "esd", "semigroup", "none")
+DIAGONAL = ("data", "distill")
+
+
+@dataclass
+class Times:
+    """Per-sample times, each (B,): context t; diagonal s_diag; sorted consistency pair s ≤ u; γ and w = s+γ(u−s)."""
+
+    t: torch.Tensor
+    s_diag: torch.Tensor
+    s: torch.Tensor
+    u: torch.Tensor
+    gamma: torch.Tensor
+
+    @property
+    def w(self) -> torch.Tensor:
+        return self.s + self.gamma * (self.u - self.s)
+
+    def __getitem__(self, idx) -> "Times":
+        return Times(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+
+@dataclass
+class Draws:
+    """All the randomness of one loss evaluation for B samples; index it to take rows."""
+
+    times: Times
+    noise: torch.Tensor  # I0 (B, *event), context noise
+    noise_bar: torch.Tensor  # Ī0 (B, *event), transported-state noise
+    drop_label: torch.Tensor  # (B,) bool, label replaced by the null class
+
+    def __getitem__(self, idx) -> "Draws":
+        return Draws(self.times[idx], self.noise[idx], self.noise_bar[idx], self.drop_label[idx])
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+    def to(self, device) -> "Draws":
+        t = self.times
+        return Draws(Times(*(getattr(t, f.name).to(device) for f in fields(t))), self.noise.to(device),
+                     self.noise_bar.to(device), self.drop_label.to(device))
+
+
+def sample_times(batch: int, generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32,
+                 t_zero_prob: float = 0.1, gamma: Optional[float] = None) -> Times:
+    """Context t = U² with probability 1 − t_zero_prob, else exactly 0 (the uninformative context); diagonal
+    s ~ U[0, 1]; consistency pair (s, u) = sorted(U, U'); γ ~ U[0, 1], or the constant `gamma` (½ = shortcut)."""
+    check_positive_int("batch", batch)
+    if not 0.0 <= t_zero_prob <= 1.0:
+        raise ValueError(f"t_zero_prob must lie in [0, 1], got {t_zero_prob}")
+    if gamma is not None and not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1] or be None, got {gamma}")
+    r = torch.rand((6, batch), generator=generator, device=device, dtype=dtype)
+    t = torch.where(r[0] < t_zero_prob, torch.zeros_like(r[1]), r[1] ** 2)
+    s, u = torch.minimum(r[3], r[4]), torch.maximum(r[3], r[4])
+    g = r[5] if gamma is None else torch.full_like(r[5], float(gamma))
+    return Times(t=t, s_diag=r[2], s=s, u=u, gamma=g)
+
+
+def draw(batch: int, event_shape, generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32,
+         t_zero_prob: float = 0.1, gamma: Optional[float] = None, p_uncond: float = 0.0) -> Draws:
+    """Draw the randomness of a loss on `batch` samples of shape `event_shape` (times, I0, Ī0, label dropout)."""
+    if not 0.0 <= p_uncond <= 1.0:
+        raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")
+    times = sample_times(batch, generator, device, dtype, t_zero_prob, gamma)
+    noise = torch.randn((2, batch, *event_shape), generator=generator, device=device, dtype=dtype)
+    drop = torch.rand((batch,), generator=generator, device=device) < p_uncond
+    return Draws(times, noise[0], noise[1], drop)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _sq(delta: torch.Tensor) -> torch.Tensor:
+    return delta.to(torch.promote_types(delta.dtype, torch.float32)).pow(2).flatten(1).mean(1)  # (B,)
+
+
+def weighted_mse(delta: torch.Tensor, adaptive_p: Optional[float] = None, c: float = 0.01):
+    """mean_b sg(w_b)·‖Δ_b‖², w_b = (‖Δ_b‖² + c)^(-p) (p = None: plain MSE). Returns (loss, unweighted MSE)."""
+    sq = _sq(delta)
+    mse = sq.mean()
+    if adaptive_p is None or adaptive_p == 0:
+        return mse, mse.detach()
+    w = (sq.detach() + c).pow(-float(adaptive_p))
+    return (w * sq).mean(), mse.detach()
+
+
+def _prepare(model, x1: torch.Tensor, draws: Optional[Draws], generator, cond: dict):
+    check_state("x1", x1)
+    if draws is None:
+        draws = draw(x1.shape[0], x1.shape[1:], generator, x1.device, x1.dtype)
+    if len(draws) != x1.shape[0]:
+        raise ValueError(f"draws hold {len(draws)} samples but x1 has {x1.shape[0]}")
+    if draws.noise.shape != x1.shape:
+        raise ValueError(f"draws.noise has shape {tuple(draws.noise.shape)} but x1 has {tuple(x1.shape)}")
+    return draws, _drop_labels(model, draws.drop_label, cond)
+
+
+def _drop_labels(model, drop: torch.Tensor, cond: dict) -> dict:
+    """Replace dropped class labels by the null class `model.config.num_classes` (classifier-free guidance)."""
+    y = cond.get("y")
+    if y is None:
+        return cond
+    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
+    if num_classes is None:
+        if bool(drop.any()):
+            raise ValueError("label dropout needs model.config.num_classes (the null class index)")
+        return cond
+    return {**cond, "y": torch.where(drop.to(y.device), torch.full_like(y, num_classes), y)}
+
+
+def context(t: torch.Tensor, x1: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x = I_t = (1−t)·I0 + t·I1, and x = 0 where t = 0 (the sampler's uninformative context)."""
+    x = interpolate(t, noise, x1)
+    return torch.where(bcast(t, x) == 0, torch.zeros_like(x), x)
+
+
+def _teacher(teacher_drift: Callable, cond: dict) -> Callable:
+    if not callable(teacher_drift):
+        raise TypeError(f"teacher_drift must be callable (t, x, **cond) -> b_t(x), got {type(teacher_drift).__name__}")
+    return (lambda t, x: teacher_drift(t, x, **cond)) if cond else teacher_drift
+
+
+# The GLASS target divides by (1 − s); s is kept below 1 by this margin (the target is smooth there).
+_S_MAX = 1.0 - 1e-3
+
+
+@torch.no_grad()
+def glass_target(teacher_drift: Callable, s: torch.Tensor, xbar: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
+                 **cond) -> torch.Tensor:
+    """Zero-variance diagonal target b̄_s(x̄; t, x) from a teacher drift (METHOD §2.2), one teacher call."""
+    from .glass import glass_drift
+    return glass_drift(_teacher(teacher_drift, cond), s.clamp(max=_S_MAX), xbar, t, x)
+
+
+# ---------------------------------------------------------------------------------------------- diagonal
+def diagonal_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, generator=None,
+                  adaptive_p: Optional[float] = None, **cond):
+    """L_diag = E‖v_{s,s}(Ī_s; t, I_t) − (I1 − Ī0)‖² from data (coupled interpolants sharing I1).
+
+    Minimised by the conditional drift E[I1 − Ī0 | Ī_s, I_t] (exactly so with adaptive_p = None)."""
+    draws, cond = _prepare(model, x1, draws, generator, cond)
+    tm = draws.times
+    x = context(tm.t, x1, draws.noise)
+    xbar = interpolate(tm.s_diag, draws.noise_bar, x1)
+    v = model(tm.s_diag, tm.s_diag, xbar, tm.t, x, **cond)
+    loss, mse = weighted_mse(v - (x1 - draws.noise_bar), adaptive_p)
+    return loss, {"diag": mse}
+
+
+def distill_diagonal_loss(model, teacher_drift: Callable, x1: torch.Tensor, draws: Optional[Draws] = None,
+                          generator=None, adaptive_p: Optional[float] = None, **cond):
+    """Regress v_{s,s}(x̄; t, x) on the GLASS conditional drift of `teacher_drift(t, x, **cond) -> b_t(x)`.
+
+    The states (x̄, x) are the coupled interpolants of the samples x1 (data, or teacher samples); the target is
+    deterministic given them, so the loss vanishes at its minimiser."""
+    draws, cond = _prepare(model, x1, draws, generator, cond)
+    tm = draws.times
+    x = context(tm.t, x1, draws.noise)
+    s = tm.s_diag.clamp(max=_S_MAX)
+    xbar = interpolate(s, draws.noise_bar, x1)
+    target = glass_target(teacher_drift, s, xbar, tm.t, x, **cond)
+    v = model(s, s, xbar, tm.t, x, **cond)
+    loss, mse = weighted_mse(v - target, adaptive_p)
+    return loss, {"diag": mse}
+
+
+# ---------------------------------------------------------------------------------------------- consistency
+def _states(x1: torch.Tensor, draws: Draws):
+    tm = draws.times
+    return tm, context(tm.t, x1, draws.noise), interpolate(tm.s, draws.noise_bar, x1)
+
+
+def lsd_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, generator=None,
+             adaptive_p: Optional[float] = None, **cond):
+    """Lagrangian self-distillation: ∂_u X_{s,u}(x̄) = sg(v_{u,u}(X_{s,u}(x̄))), ∂_u by one jvp in u."""
+    draws, cond = _prepare(model, x1, draws, generator, cond)
+    tm, x, xbar = _states(x1, draws)
+    s, u, t = tm.s, tm.u, tm.t
+
+    def flow(u_):
+        return xbar + bcast(u_ - s, xbar) * model(s, u_, xbar, t, x, **cond)
+
+    X, dX_du = jvp(flow, (u,), (torch.ones_like(u),))
+    with torch.no_grad():
+        target = model(u, u, X.detach(), t, x, **cond)
+    loss, mse = weighted_mse(dX_du - target, adaptive_p)
+    return loss, {"cons": mse}
+
+
+def _eulerian(model, vtilde, s, u, t, xbar, x, cond, adaptive_p):
+    """v_{s,u}(x̄) against sg(ṽ + (u−s)·(∂_s v + ∇_x̄ v·ṽ)); the bracket is one jvp along (ds, dx̄) = (1, ṽ)."""
+    v, dv = jvp(lambda s_, xb_: model(s_, u, xb_, t, x, **cond), (s, xbar), (torch.ones_like(s), vtilde))
+    target = (vtilde + bcast(u - s, xbar) * dv).detach()
+    return weighted_mse(v - target, adaptive_p)
+
+
+def meanflow_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, generator=None,
+                  adaptive_p: Optional[float] = None, **cond):
+    """Eulerian (MeanFlow) loss from data: ṽ = I1 − Ī0, an unbiased estimate of the conditional drift at x̄ (the
+    target is linear in ṽ)."""
+    draws, cond = _prepare(model, x1, draws, generator, cond)
+    tm, x, xbar = _states(x1, draws)
+    loss, mse = _eulerian(model, x1 - draws.noise_bar, tm.s, tm.u, tm.t, xbar, x, cond, adaptive_p)
+    return loss, {"cons": mse}
+
+
+def esd_teacher_loss(model, teacher_drift: Callable, x1: torch.Tensor, draws: Optional[Draws] = None,
+                     generator=None, adaptive_p: Optional[float] = None, **cond):
+    """Eulerian loss with ṽ = the GLASS conditional drift of the teacher at (s, x̄; t, x): zero-variance target."""
+    draws, cond = _prepare(model, x1, draws, generator, cond)
+    tm, x, _ = _states(x1, draws)
+    s = tm.s.clamp(max=_S_MAX)
+    u = torch.maximum(tm.u, s)
+    xbar = interpolate(s, draws.noise_bar, x1)
+    vtilde = glass_target(teacher_drift, s, xbar, tm.t, x, **cond)
+    loss, mse = _eulerian(model, vtilde, s, u, tm.t, xbar, x, cond, adaptive_p)
+    return loss, {"cons": mse}
+
+
+def semigroup_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, generator=None,
+                   adaptive_p: Optional[float] = None, **cond):
+    """Progressive self-distillation: v_{s,u}(x̄) = sg(γ·v_{s,w}(x̄) + (1−γ)·v_{w,u}(X_{s,w}(x̄))), w = s + γ(u−s)
+    (γ drawn by `draw(..., gamma=None)` ~ U[0, 1]; γ = ½ is the shortcut model)."""
+    draws, cond = _prepare(model, x1, draws, generator, cond)
+    tm, x, xbar = _states(x1, draws)
+    s, u, t, g, w = tm.s, tm.u, tm.t, tm.gamma, tm.w
+    with torch.no_grad():
+        v1 = model(s, w, xbar, t, x, **cond)
+        mid = xbar + bcast(w - s, xbar) * v1
+        v2 = model(w, u, mid, t, x, **cond)
+        target = bcast(g, xbar) * v1 + bcast(1 - g, xbar) * v2
+    v = model(s, u, xbar, t, x, **cond)
+    loss, mse = weighted_mse(v - target, adaptive_p)
+    return loss, {"cons": mse}
+
+
+# ---------------------------------------------------------------------------------------------- combined
+def mfm_loss(model, x1: torch.Tensor, consistency: str = "meanflow", teacher_drift: Optional[Callable] = None, *,
+             diagonal: str = "data", consistency_fraction: float = 0.25, n_consistency: Optional[int] = None,
+             consistency_weight: float = 1.0, adaptive: bool = True, diag_p: float = 0.5, cons_p: float = 1.0,
+             t_zero_prob: float = 0.1, gamma: Optional[float] = None, p_uncond: float = 0.1,
+             draws: Optional[Draws] = None, generator: Optional[torch.Generator] = None, **cond):
+    """L_MFM = L_diag + consistency_weight·L_cons (METHOD §2).
+
+    The first B − n_c rows of the batch train the diagonal, the last n_c = round(consistency_fraction·B) rows
+    (or `n_consistency`) the consistency loss; each term is a mean over its rows.
+    x1: (B, d) vectors or (B, C, H, W) images. cond: extra model conditioning, e.g. `y` (B,) class labels, which
+    are replaced by the null class `model.config.num_classes` with probability p_uncond.
+    consistency: "meanflow" (Eulerian from data), "lsd" (Lagrangian), "esd" (Eulerian, GLASS target of
+    `teacher_drift`), "semigroup" (γ ~ U[0,1], or `gamma=0.5` for the shortcut), "none".
+    diagonal: "data" (coupled interpolants) or "distill" (GLASS target of `teacher_drift`).
+    teacher_drift(t, x, **cond) -> b_t(x). adaptive: weights with p = diag_p / cons_p (else plain MSE).
+    `draws` fixes all randomness (see `draw`); otherwise it is drawn from `generator`.
+    """
+    check_state("x1", x1)
+    if consistency not in CONSISTENCY:
+        raise ValueError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
+    if diagonal not in DIAGONAL:
+        raise ValueError(f"diagonal must be one of {DIAGONAL}, got {diagonal!r}")
+    needs_teacher = consistency == "esd" or diagonal == "distill"
+    if needs_teacher and teacher_drift is None:
+        raise ValueError(f"consistency={consistency!r} / diagonal={diagonal!r} needs teacher_drift(t, x) -> b_t(x)")
+    check_finite_scalar("consistency_weight", consistency_weight)
+    B = x1.shape[0]
+    if n_consistency is None:
+        if not 0.0 <= consistency_fraction <= 1.0:
+            raise ValueError(f"consistency_fraction must lie in [0, 1], got {consistency_fraction}")
+        n_consistency = int(round(consistency_fraction * B))
+    if consistency == "none":
+        n_consistency = 0
+    if not 0 <= n_consistency <= B:
+        raise ValueError(f"n_consistency must lie in [0, {B}], got {n_consistency}")
+    if draws is None:
+        draws = draw(B, x1.shape[1:], generator, x1.device, x1.dtype, t_zero_prob, gamma,
+                     p_uncond if cond.get("y") is not None else 0.0)
+    n_d = B - n_consistency
+    dp, cp = (diag_p, cons_p) if adaptive else (None, None)
+    rows = lambda sl: {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B else v)  # noqa: E731
+                       for k, v in cond.items()}
+
+    total = x1.new_zeros((), dtype=torch.float32)
+    logs = {}
+    if n_d:
+        sl = slice(0, n_d)
+        if diagonal == "data":
+            loss_d, ld = diagonal_loss(model, x1[sl], draws[sl], adaptive_p=dp, **rows(sl))
+        else:
+            loss_d, ld = distill_diagonal_loss(model, teacher_drift, x1[sl], draws[sl], adaptive_p=dp, **rows(sl))
+        total = total + loss_d
+        logs.update(ld)
+    if n_consistency:
+        sl = slice(n_d, B)
+        args = dict(adaptive_p=cp, **rows(sl))
+        if consistency == "meanflow":
+            loss_c, lc = meanflow_loss(model, x1[sl], draws[sl], **args)
+        elif consistency == "lsd":
+            loss_c, lc = lsd_loss(model, x1[sl], draws[sl], **args)
+        elif consistency == "esd":
+            loss_c, lc = esd_teacher_loss(model, teacher_drift, x1[sl], draws[sl], **args)
+        else:
+            loss_c, lc = semigroup_loss(model, x1[sl], draws[sl], **args)
+        total = total + consistency_weight * loss_c
+        logs.update(lc)
+    logs["loss"] = total.detach()
+    return total, logs

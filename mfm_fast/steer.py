@@ -1,0 +1,432 @@
+"""Reward-steered sampling (METHOD §3, OFFICIAL_CHECKPOINT §4): sample from p*_1 ∝ p_1·exp(λ·r).
+
+Methods: "none" (base sampler), "mfm-g" / "mfm-gf" (Doob guidance with the value-gradient estimators of
+`mfm_fast.value`), "dps" (∇ of the reward at the Tweedie denoiser), "search" (MFM-Search), "smc" (twisted SMC with
+MFM value estimates), and `best_of_n`.
+
+Doob guidance, Euler on t_k = linspace(t_start, 1, K+1), k(t) = (1−t)/t clamped to ≤ `clamp_ratio` (release: 25):
+- ODE: x ← x + dt·(b + k·∇̂V)
+- SDE: x ← x + dt·(b + k·(t·b − x)/(1−t) + 2k·∇̂V) + √(2k·dt)·ξ. Where the clamp is inactive the drift equals the
+  release's 2b − x/t; where it is active (t < 1/26) the same clamped σ² = 2k multiplies the score, so the SDE
+  keeps the marginals of the base flow (the release keeps 2b − x/t there).
+`renorm` ("rescale" | "clip", release: "rescale"): per sample the steering term s is multiplied by
+`renorm_scale`·‖base‖/(1e-8 + ‖s‖) — capped at 1 for "clip" — where base is the integrator's base drift.
+
+Each step is a function of explicit tensors (`steer_step(x, t, dt, eps, xi)` built by `make_step`), so a step can
+be captured in a CUDA graph (`graph=True` hands the whole loop to `mfm_fast.graphs.steer_graphed`).
+Every sampler counts the network and reward work it actually ran (`Cost`) and reports the paper's NFE accounting.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ._checks import check_finite_scalar, check_positive_int, check_state
+from .rewards import CheckedReward, as_reward
+from .value import Cost, CountedModel, CountedReward, _check_model_event, check_chunk_size, check_estimator, \
+    estimate
+
+METHODS = ("none", "mfm-g", "mfm-gf", "dps", "search", "smc")
+RENORMS = (None, "rescale", "clip")
+SEARCH_MODES = ("particle", "global")
+# MFM-Search runs on linspace(t_start, 1, K+1) ** SEARCH_GRID_POWER (release), concentrating steps near t = 1.
+SEARCH_GRID_POWER = 2.5
+
+
+@dataclass
+class SteerResult:
+    samples: torch.Tensor  # (B, *event)
+    cost: Cost  # work counted while sampling (the diagnostic `rewards` below are not included)
+    rewards: torch.Tensor  # (B,) reward of each returned sample
+    particles: Optional[torch.Tensor] = None  # SMC: the weighted particles before the final resampling
+    log_weights: Optional[torch.Tensor] = None  # SMC: their normalised log weights (per population)
+    log_normalizer: Optional[torch.Tensor] = None  # SMC: log Ẑ per population, Ẑ unbiased for E_base[exp(λ·r)]
+    n_resamples: int = 0  # SMC: resampling events (summed over populations), the final one excluded
+
+    @property
+    def mean_reward(self) -> float:
+        return float(self.rewards.float().mean())
+
+
+def paper_nfe(method: str, steps: int, n_particles: int, search_particles: int = 1) -> Optional[int]:
+    """NFE per output sample as the paper reports it (METHOD §3); None where the paper defines none (DPS)."""
+    K, N = steps, n_particles
+    if method == "none":
+        return K
+    if method == "mfm-gf":
+        return K + 2 * N * K
+    if method in ("mfm-g", "smc"):  # SMC's per-step work is MFM-G's (drift + N particles forward and backward)
+        return K + 4 * N * K
+    if method == "search":
+        return 2 * search_particles * N * K
+    if method == "best-of-n":
+        return K * N + N
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- step functions
+
+
+def _full(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.expand(x.shape[0]) if t.dim() == 0 else t
+
+
+def _b(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A 0-dim or (B,) time broadcast against x (B, *event)."""
+    return t if t.dim() == 0 else t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def base_drift(model, t: torch.Tensor, x: torch.Tensor, cond: dict) -> torch.Tensor:
+    """b_t(x) = v_{t,t}(x; 0, 0), as `sampling.drift`, without its host-synchronising input checks."""
+    tb = _full(t, x)
+    return model(tb, tb, x, torch.zeros_like(tb), torch.zeros_like(x), **cond)
+
+
+def steer_ratio(t: torch.Tensor, clamp_ratio: Optional[float]) -> torch.Tensor:
+    """k(t) = (1−t)/t = σ_t²/2, clamped to ≤ clamp_ratio (the release clamps 1/t − 1 to [0, 25])."""
+    k = (1 - t) / t
+    return k.clamp(0, clamp_ratio) if clamp_ratio is not None else k.clamp_min(0)
+
+
+def renormalise(base: torch.Tensor, steer_term: torch.Tensor, renorm: str, scale: float) -> torch.Tensor:
+    """Per sample: steer_term·scale·‖base‖/(1e-8 + ‖steer_term‖); "clip" caps the factor at 1."""
+    dims = tuple(range(1, base.dim()))
+    factor = scale * base.norm(dim=dims, keepdim=True) / (1e-8 + steer_term.norm(dim=dims, keepdim=True))
+    if renorm == "clip":
+        factor = factor.clamp(max=1.0)
+    return steer_term * factor
+
+
+def dps_grad(model, reward, t: torch.Tensor, x: torch.Tensor, lam: float, cond: dict):
+    """(b_t(x), ∇_x λ·r(x + (1−t)·b_t(x))): backpropagation through the base drift call."""
+    with torch.enable_grad():
+        xc = x.detach().requires_grad_(True)
+        b = base_drift(model, t, xc, cond)
+        r = lam * reward(xc + (1 - _b(t, xc)) * b)
+        (g,) = torch.autograd.grad(r.sum(), xc, allow_unused=True)
+    return b.detach(), (torch.zeros_like(x) if g is None else g)
+
+
+def guided_drift(model, reward, x, t, eps, *, method: str, sde: bool, lam: float, renorm: Optional[str],
+                 renorm_scale: float, clamp_ratio: Optional[float], chunk_size: Optional[int], cond: dict):
+    """The steered drift at (t, x). eps (B, N, *event): particle noise for "mfm-g"/"mfm-gf" (else unused)."""
+    if method == "dps":
+        b, g = dps_grad(model, reward, t, x, lam, cond)
+    else:
+        b = base_drift(model, t, x, cond)
+        g = None
+        if method in ("mfm-g", "mfm-gf"):
+            _, g = estimate(model, reward, _full(t, x), x, eps, method, lam, chunk_size, cond)
+    k = _b(steer_ratio(t, clamp_ratio), x)
+    if sde:
+        tb = _b(t, x)
+        base = b + k * (tb * b - x) / (1 - tb)
+        scale = 2 * k
+    else:
+        base, scale = b, k
+    if g is None:
+        return base
+    term = scale * g
+    if renorm is not None:
+        term = renormalise(base, term, renorm, renorm_scale)
+    return base + term
+
+
+def steer_step(model, reward, x, t, dt, eps, xi, *, sde: bool, clamp_ratio: Optional[float], **drift_kw):
+    """One Euler (ODE) or Euler–Maruyama (SDE) step from t to t + dt. xi (B, *event): the SDE noise."""
+    x_next = x + dt * guided_drift(model, reward, x, t, eps, sde=sde, clamp_ratio=clamp_ratio, **drift_kw)
+    if sde:
+        x_next = x_next + torch.sqrt(2 * _b(steer_ratio(t, clamp_ratio), x) * dt) * xi
+    return x_next
+
+
+def make_step(model, reward, *, method: str = "mfm-g", sde: bool = False, lam: float = 1.0,
+              renorm: Optional[str] = None, renorm_scale: float = 1.0, clamp_ratio: Optional[float] = 25.0,
+              chunk_size: Optional[int] = None, cond: Optional[dict] = None):
+    """`step(x, t, dt, eps, xi) -> x_next` for methods "none", "mfm-g", "mfm-gf", "dps": all inputs are tensors
+    (t, dt 0-dim or (B,); eps (B, N, *event) or None; xi (B, *event) or None), no host synchronisation."""
+    if method not in ("none", "mfm-g", "mfm-gf", "dps"):
+        raise ValueError(f"make_step builds Doob/DPS steps only; got method {method!r}")
+    return functools.partial(steer_step, model, reward, method=method, sde=sde, lam=lam, renorm=renorm,
+                             renorm_scale=renorm_scale, clamp_ratio=clamp_ratio, chunk_size=chunk_size,
+                             cond=cond or {})
+
+
+def search_step(model, reward, x, t, t_next, eps, xi, *, mode: str, population: int, cond: dict):
+    """MFM-Search: N one-step samples per particle, keep the best (per particle, or per population for
+    "global"), move to x' = t'·x̂1* + (1−t')·ξ. eps (B, N, *event). Returns (x', x̂1*, λ-free reward of x̂1*)."""
+    B, N = eps.shape[:2]
+    ev = x.shape[1:]
+    tb = _full(t, x)
+    rows = eps.reshape(B * N, *ev)
+    x1 = (rows + model(torch.zeros_like(tb), torch.ones_like(tb), rows, tb, x, **cond)).view(B, N, *ev)
+    r = reward(x1.reshape(B * N, *ev)).view(B, N)
+    if mode == "particle":
+        best = r.argmax(dim=1)
+        x1b, rb = x1[torch.arange(B, device=x.device), best], r.gather(1, best[:, None])[:, 0]
+    else:
+        G = B // population
+        flat = r.view(G, population * N)
+        best = flat.argmax(dim=1)  # (G,)
+        x1g = x1.view(G, population * N, *ev)[torch.arange(G, device=x.device), best]
+        x1b = x1g.repeat_interleave(population, dim=0)
+        rb = flat.gather(1, best[:, None])[:, 0].repeat_interleave(population)
+    tn = _b(t_next, x)
+    return tn * x1b + (1 - tn) * xi, x1b, rb
+
+
+def systematic_resample(log_w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Systematic resampling per row: log_w (G, P) unnormalised, u (G,) uniforms in [0, 1).
+    Returns ancestor indices (G, P); particle i is copied ⌊P·W_i⌋ or ⌈P·W_i⌉ times, E[copies] = P·W_i."""
+    G, P = log_w.shape
+    cdf = torch.softmax(log_w, dim=1).cumsum(dim=1)
+    cdf = cdf / cdf[:, -1:]  # exact 1 at the end despite rounding
+    pos = (u[:, None] + torch.arange(P, device=log_w.device, dtype=cdf.dtype)) / P
+    return torch.searchsorted(cdf, pos.contiguous()).clamp_max(P - 1)
+
+
+def ess(log_w: torch.Tensor) -> torch.Tensor:
+    """Effective sample size per row of unnormalised log weights (G, P)."""
+    return torch.exp(2 * torch.logsumexp(log_w, 1) - torch.logsumexp(2 * log_w, 1))
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+
+
+def _progress(iterable, progress, desc):
+    # progress=None shows a bar only on an interactive terminal
+    return tqdm(iterable, desc=desc, disable=None if progress is None else not progress, leave=False)
+
+
+def _randn(shape, like, generator):
+    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def _run_doob(model, reward, x, grid, method, sde, n_particles, generator, progress, step_kw):
+    step = make_step(model, reward, method=method, sde=sde, **step_kw)
+    K = grid.shape[0] - 1
+    for k in _progress(range(K), progress, f"steer[{method}]"):
+        eps = _randn((x.shape[0], n_particles, *x.shape[1:]), x, generator) if method in ("mfm-g", "mfm-gf") \
+            else None
+        xi = _randn(x.shape, x, generator) if sde else None
+        x = step(x, grid[k], grid[k + 1] - grid[k], eps, xi)
+    return x
+
+
+def _run_search(model, reward, x, grid, n_particles, mode, population, generator, progress, cond):
+    K = grid.shape[0] - 1
+    for k in _progress(range(K), progress, "steer[search]"):
+        eps = _randn((x.shape[0], n_particles, *x.shape[1:]), x, generator)
+        xi = _randn(x.shape, x, generator)
+        x, _, _ = search_step(model, reward, x, grid[k], grid[k + 1], eps, xi, mode=mode, population=population,
+                              cond=cond)
+    return x  # the last move is to t' = 1, where x' = x̂1*
+
+
+def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, chunk_size, population,
+             ess_threshold, generator, progress, cond):
+    """Twisted SMC (TDS-style) on the Euler–Maruyama chain of the base SDE.
+
+    Proposal q: the Doob-steered Euler–Maruyama step with ∇̂V; base transition p: the same step without ∇̂V (same
+    σ²). Incremental weight exp(V̂_{t'}(x') − V̂_t(x))·p(x'|x)/q(x'|x), with V̂ at t = 1 the exact λ·r and the
+    initial weight exp(V̂_{t_0}(x_0)); the V̂ telescope, so the final weights target base chain × exp(λ·r) whatever
+    the estimation noise, and log Ẑ (product of mean weights over resampling epochs) is unbiased for
+    E_chain[exp(λ·r(x_K))]. Systematic resampling within each population when ESS < ess_threshold·P.
+    """
+    B, ev = x.shape[0], x.shape[1:]
+    P, G = population, x.shape[0] // population
+    dims = tuple(range(1, x.dim()))
+    K = grid.shape[0] - 1
+
+    def value(t, x_):
+        eps = _randn((B, n_particles, *ev), x_, generator)
+        return estimate(model, reward, _full(t, x_), x_, eps, estimator, lam, chunk_size, cond)
+
+    V, g = value(grid[0], x)
+    log_w = V.clone()
+    log_z = torch.zeros(G, device=x.device, dtype=x.dtype)
+    n_res = torch.zeros((), device=x.device, dtype=torch.long)
+    offs = (torch.arange(G, device=x.device) * P)[:, None]
+    for k in _progress(range(K), progress, "steer[smc]"):
+        t, dt = grid[k], grid[k + 1] - grid[k]
+        kk = steer_ratio(t, clamp_ratio)
+        b = base_drift(model, t, x, cond)
+        mean_p = x + dt * (b + kk * (t * b - x) / (1 - t))
+        mean_q = mean_p + dt * 2 * kk * g
+        var = 2 * kk * dt
+        x = mean_q + torch.sqrt(var) * _randn(x.shape, x, generator)
+        log_pq = ((x - mean_q).pow(2).sum(dims) - (x - mean_p).pow(2).sum(dims)) / (2 * var)
+        if k + 1 < K:
+            V_new, g = value(grid[k + 1], x)
+        else:
+            V_new = lam * reward(x)
+        log_w = log_w + V_new - V + log_pq
+        V = V_new
+        if k + 1 < K:
+            lw = log_w.view(G, P)
+            do = ess(lw) < ess_threshold * P  # (G,)
+            idx = systematic_resample(lw, torch.rand(G, generator=generator, device=x.device, dtype=x.dtype))
+            idx = torch.where(do[:, None], idx, torch.arange(P, device=x.device)) + offs
+            idx = idx.reshape(-1)
+            log_z = log_z + torch.where(do, torch.logsumexp(lw, 1) - math.log(P), torch.zeros_like(log_z))
+            x, V, g = x[idx], V[idx], g[idx]
+            log_w = torch.where(do[:, None], torch.zeros_like(lw), lw).reshape(-1)
+            n_res = n_res + do.sum()
+    lw = log_w.view(G, P)
+    log_z = log_z + torch.logsumexp(lw, 1) - math.log(P)
+    log_w_norm = (lw - torch.logsumexp(lw, 1, keepdim=True)).reshape(-1)
+    idx = (systematic_resample(lw, torch.rand(G, generator=generator, device=x.device, dtype=x.dtype))
+           + offs).reshape(-1)
+    return x[idx], x, log_w_norm, log_z, int(n_res)
+
+
+def _check_common(model, noise, steps, t_start):
+    check_state("noise", noise)
+    _check_model_event(model, noise)
+    check_positive_int("steps", steps)
+    t_start = check_finite_scalar("t_start", t_start)
+    if not 0 < t_start < 1:
+        raise ValueError(f"t_start must lie in (0, 1) (the guidance divides by t), got {t_start}")
+    return t_start
+
+
+def _check_clamp(clamp_ratio):
+    if clamp_ratio is not None and not check_finite_scalar("clamp_ratio", clamp_ratio) > 0:
+        raise ValueError(f"clamp_ratio must be positive or None, got {clamp_ratio}")
+
+
+def _check_population(population, B):
+    if population is None:
+        return B
+    check_positive_int("population", population)
+    if B % population:
+        raise ValueError(f"population ({population}) must divide the batch size ({B})")
+    return population
+
+
+def _finish(samples, cost, reward, return_result, **extra):
+    if not return_result:
+        return samples
+    with torch.no_grad():
+        rewards = reward(samples)
+    return SteerResult(samples, cost, rewards, **extra)
+
+
+def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "mfm-g", n_particles: int = 1,
+          lam: float = 1.0, sde: bool = False, renorm: Optional[str] = None, t_start: float = 0.01,
+          generator: Optional[torch.Generator] = None, graph: bool = False, return_result: bool = False, *,
+          renorm_scale: float = 1.0, clamp_ratio: Optional[float] = 25.0, chunk_size: Optional[int] = None,
+          search_mode: str = "particle", population: Optional[int] = None, smc_estimator: str = "mfm-g",
+          ess_threshold: float = 0.5, progress: Optional[bool] = None, **cond):
+    """Reward-steered samples (B, *event) from `noise` (B, *event) at t_start, or a `SteerResult`.
+
+    method: "none" | "mfm-g" | "mfm-gf" | "dps" (Doob ODE, or SDE if `sde`; module docstring) | "search" |
+    "smc". `n_particles`: one-step samples per state and step (value estimators, search candidates).
+    `clamp_ratio`: cap on (1−t)/t (None: exact Doob). `chunk_size`: rows per network call in the value estimators.
+    `population`: consecutive rows forming one population for "search" with search_mode="global" and for "smc"
+    (default: the whole batch). MFM-Search runs on linspace(t_start, 1, K+1)**2.5 and returns the best one-step
+    sample of the last step. SMC always uses the Euler–Maruyama transition (its weights need a transition
+    density), `smc_estimator` for V̂ and ∇̂V, resamples systematically when ESS < `ess_threshold`·P, and returns
+    the particles resampled once more by their final weights (the weighted ones are in the `SteerResult`).
+    `graph=True` runs `mfm_fast.graphs.steer_graphed` on CUDA, falling back to eager with a warning.
+    """
+    t_start = _check_common(model, noise, steps, t_start)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_positive_int("n_particles", n_particles)
+    lam = check_finite_scalar("lam", lam)
+    if renorm not in RENORMS:
+        raise ValueError(f"renorm must be one of {RENORMS}, got {renorm!r}")
+    renorm_scale = check_finite_scalar("renorm_scale", renorm_scale)
+    _check_clamp(clamp_ratio)
+    chunk_size = check_chunk_size(chunk_size)
+    if search_mode not in SEARCH_MODES:
+        raise ValueError(f"search_mode must be one of {SEARCH_MODES}, got {search_mode!r}")
+    population = _check_population(population, noise.shape[0])
+    check_estimator("smc_estimator", smc_estimator)
+    ess_threshold = check_finite_scalar("ess_threshold", ess_threshold)
+    if not 0 <= ess_threshold <= 1:
+        raise ValueError(f"ess_threshold must lie in [0, 1], got {ess_threshold}")
+    reward = reward if isinstance(reward, CheckedReward) else as_reward(reward)
+
+    if graph:
+        kwargs = dict(steps=steps, method=method, n_particles=n_particles, lam=lam, sde=sde, renorm=renorm,
+                      t_start=t_start, generator=generator, return_result=return_result, renorm_scale=renorm_scale,
+                      clamp_ratio=clamp_ratio, chunk_size=chunk_size, search_mode=search_mode,
+                      population=population, smc_estimator=smc_estimator, ess_threshold=ess_threshold,
+                      progress=progress, **cond)
+        out = _try_graphed(model, reward, noise, kwargs)
+        if out is not None:
+            return out
+
+    B = noise.shape[0]
+    cost = Cost(batch=B, nfe=paper_nfe(method, steps, n_particles,
+                                       population if search_mode == "global" else 1))
+    cmodel, creward = CountedModel(model, cost), CountedReward(reward, cost)
+    grid = torch.linspace(t_start, 1, steps + 1, device=noise.device, dtype=noise.dtype)
+    extra = {}
+    with torch.no_grad():
+        if method == "search":
+            x = _run_search(cmodel, creward, noise, grid ** SEARCH_GRID_POWER, n_particles, search_mode,
+                            population, generator, progress, cond)
+        elif method == "smc":
+            x, parts, log_w, log_z, n_res = _run_smc(cmodel, creward, noise, grid, n_particles, lam, smc_estimator,
+                                                     clamp_ratio, chunk_size, population, ess_threshold,
+                                                     generator, progress, cond)
+            extra = dict(particles=parts, log_weights=log_w, log_normalizer=log_z, n_resamples=n_res)
+        else:
+            step_kw = dict(lam=lam, renorm=renorm, renorm_scale=renorm_scale, clamp_ratio=clamp_ratio,
+                           chunk_size=chunk_size, cond=cond)
+            x = _run_doob(cmodel, creward, noise, grid, method, sde, n_particles, generator, progress, step_kw)
+    return _finish(x, cost, reward, return_result, **extra)
+
+
+def _try_graphed(model, reward, noise, kwargs):
+    """The CUDA-graph path, or None (with a warning saying why) when it cannot run."""
+    if noise.device.type != "cuda":
+        warnings.warn(f"graph=True needs CUDA tensors; noise is on {noise.device}, running eagerly", stacklevel=3)
+        return None
+    try:
+        from .graphs import GraphCaptureError, steer_graphed
+    except ImportError as e:
+        warnings.warn(f"graph=True: CUDA-graph steering is unavailable ({e}); running eagerly", stacklevel=3)
+        return None
+    try:
+        return steer_graphed(model, reward, noise, **kwargs)
+    except GraphCaptureError as e:
+        warnings.warn(f"graph=True: CUDA-graph capture failed ({e}); running eagerly", stacklevel=3)
+        return None
+
+
+def best_of_n(model, reward, noise: torch.Tensor, n: int, steps: int = 250, t_start: float = 0.01,
+              sde: bool = False, clamp_ratio: Optional[float] = 25.0, generator: Optional[torch.Generator] = None,
+              return_result: bool = False, progress: Optional[bool] = None, **cond):
+    """Best-of-N: for each row of `noise` (B, *event), n base samples (Euler, `steps` steps; the first starts from
+    that row, the other n − 1 from fresh noise), keep the one with the highest reward. Cost K·n + n per sample."""
+    t_start = _check_common(model, noise, steps, t_start)
+    check_positive_int("n", n)
+    _check_clamp(clamp_ratio)
+    reward = reward if isinstance(reward, CheckedReward) else as_reward(reward)
+    B, ev = noise.shape[0], noise.shape[1:]
+    cost = Cost(batch=B, nfe=paper_nfe("best-of-n", steps, n))
+    cmodel, creward = CountedModel(model, cost), CountedReward(reward, cost)
+    grid = torch.linspace(t_start, 1, steps + 1, device=noise.device, dtype=noise.dtype)
+    x0 = torch.cat([noise[:, None], _randn((B, n - 1, *ev), noise, generator)], dim=1).reshape(B * n, *ev)
+    cond_n = {k: (v.repeat_interleave(n, 0) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B else v)
+              for k, v in cond.items()}
+    with torch.no_grad():
+        x1 = _run_doob(cmodel, creward, x0, grid, "none", sde, 1, generator, progress,
+                       dict(lam=1.0, renorm=None, renorm_scale=1.0, clamp_ratio=clamp_ratio, chunk_size=None,
+                            cond=cond_n)).view(B, n, *ev)
+        r = creward(x1.reshape(B * n, *ev)).view(B, n)
+        best = r.argmax(dim=1)
+        samples = x1[torch.arange(B, device=noise.device), best]
+    if not return_result:
+        return samples
+    return SteerResult(samples, cost, r.gather(1, best[:, None])[:, 0])

@@ -1,0 +1,557 @@
+"""Training loop for Meta Flow Maps (vector and image data), EMA, checkpoint save/load/resume, torchrun.
+
+    python -m mfm_fast train --data gmm --out gmm.pt             # MFMMLP on the paper's 2-D GMM (METHOD §6)
+    python -m mfm_fast train --data digits --out digits.pt       # "MFM-Digits" DiT on sklearn's 8×8 digits
+    torchrun --nproc_per_node=K -m mfm_fast.train --data digits --out digits.pt
+
+Determinism: step k draws its global batch and all loss randomness from a generator seeded by (seed, k). A resumed
+run therefore continues bit-for-bit (the checkpoint holds model, EMA, optimizer, step and history; the random
+state of step k is a function of (seed, k)), and K ranks reproduce a single process at the same global batch
+(each keeps its slice of the global draw, see `distributed.local_rows`).
+
+Checkpoints hold plain dicts / tensors / Python scalars only and load with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import distributed as D
+from ._checks import check_finite_scalar, check_positive_int
+from .losses import CONSISTENCY, DIAGONAL, draw, mfm_loss
+
+FORMAT = "mfm_fast.checkpoint"
+VERSION = 1
+OPTIMIZERS = ("adamw", "radam")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch: int = 256  # global batch (all ranks together)
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"  # after warm-up: cosine decay to lr·min_lr_ratio, or constant
+    warmup: int = 0
+    min_lr_ratio: float = 0.0
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    consistency: str = "meanflow"  # see losses.mfm_loss
+    consistency_fraction: float = 0.25
+    consistency_weight: float = 1.0
+    diagonal: str = "data"
+    adaptive: bool = True
+    diag_p: float = 0.5
+    cons_p: float = 1.0
+    t_zero_prob: float = 0.1
+    gamma: Optional[float] = None
+    p_uncond: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end); needs `out`
+    log_every: int = 50
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    device: str = "auto"
+    grad_checkpointing: bool = False
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated weights, averaged grads) or "fsdp" (FSDP2)
+
+    def __post_init__(self):
+        for name in ("steps", "batch", "log_every"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("warmup", "checkpoint_every"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "consistency_weight", "diag_p", "cons_p"):
+            check_finite_scalar(name, getattr(self, name))
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        if self.consistency not in CONSISTENCY:
+            raise ValueError(f"consistency must be one of {CONSISTENCY}, got {self.consistency!r}")
+        if self.diagonal not in DIAGONAL:
+            raise ValueError(f"diagonal must be one of {DIAGONAL}, got {self.diagonal!r}")
+        if self.parallel not in D.PARALLEL:
+            raise ValueError(f"parallel must be one of {D.PARALLEL}, got {self.parallel!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        for name in ("consistency_fraction", "t_zero_prob", "p_uncond"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        self.betas = tuple(float(b) for b in self.betas)
+
+    @property
+    def n_consistency(self) -> int:
+        return 0 if self.consistency == "none" else int(round(self.consistency_fraction * self.batch))
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine or constant."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.lr_schedule == "constant":
+            return self.lr
+        frac = (step - self.warmup) / max(1, self.steps - self.warmup)
+        lo = self.lr * self.min_lr_ratio
+        return lo + (self.lr - lo) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # last iterate, train mode
+    ema: nn.Module  # EMA weights, eval mode: the model to sample
+    history: list = field(default_factory=list)  # per step: step, loss, diag, cons, lr, grad_norm
+    step: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
+def _model_spec(model: nn.Module) -> tuple:
+    """(class name, config dict) from which `load` rebuilds the model."""
+    from .models import MFMDiT, MFMMLP
+    model = _unwrap(model)
+    if isinstance(model, MFMDiT):
+        return "MFMDiT", dataclasses.asdict(model.config)
+    if isinstance(model, MFMMLP):
+        return "MFMMLP", model.config_dict()
+    raise TypeError(f"save/load support MFMMLP and MFMDiT, got {type(model).__name__}")
+
+
+def _build(name: str, config: dict, impl: str = "auto") -> nn.Module:
+    from .models import DiTConfig, MFMDiT, MFMMLP
+    if name == "MFMDiT":
+        return MFMDiT(DiTConfig(**config), impl=impl)
+    if name == "MFMMLP":
+        return MFMMLP(**config)
+    raise ValueError(f"checkpoint names an unknown model class {name!r} (known: MFMDiT, MFMMLP)")
+
+
+def _check_plain(name: str, value, path: str = "") -> None:
+    """Only what torch.load(weights_only=True) restores: tensors, Python scalars, str, None, lists/tuples/dicts."""
+    where = f"{name}{path}"
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(name, v, f"{path}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where} has a key of type {type(k).__name__}; use str or int keys")
+            _check_plain(name, v, f"{path}[{k!r}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__name__}; checkpoints store only tensors, Python scalars, str, "
+                    "None and lists/tuples/dicts of them")
+
+
+def _cpu_state(module: nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(module).state_dict().items()}
+
+
+def _atomic_save(obj: dict, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint behind
+
+
+def save(model: nn.Module, path: str, ema: Optional[nn.Module] = None, **extra) -> None:
+    """Write an MFMMLP/MFMDiT (and optionally its EMA copy) to `path`; `extra` entries (tensors, scalars, str,
+    lists/dicts of them) are stored under "extra". Readable by `load` and by torch.load(weights_only=True)."""
+    name, config = _model_spec(model)
+    _check_plain("extra", extra)
+    ckpt = {"format": FORMAT, "version": VERSION, "model_class": name, "model_config": config,
+            "model": _cpu_state(model), "ema": None if ema is None else _cpu_state(ema), "extra": extra}
+    _atomic_save(ckpt, path)
+
+
+def read_checkpoint(path: str, map_location=None) -> dict:
+    """torch.load(weights_only=True) plus a check that the file is an mfm_fast checkpoint."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 — any unpickling failure means "not our file"
+        raise ValueError(f"{path!r} is not a readable mfm_fast checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        hint = ""
+        if isinstance(ckpt, dict) and ("ema" in ckpt or "model" in ckpt):
+            hint = " (for the official MFM release use mfm_fast.load_official_mfm)"
+        raise ValueError(f"{path!r} is not an mfm_fast checkpoint: no format tag {FORMAT!r}{hint}")
+    if ckpt.get("version", 0) > VERSION:
+        raise ValueError(f"{path!r} has checkpoint version {ckpt['version']}, newer than this library ({VERSION})")
+    for key in ("model_class", "model_config", "model"):
+        if key not in ckpt:
+            raise ValueError(f"{path!r} is a damaged mfm_fast checkpoint: missing {key!r}")
+    return ckpt
+
+
+def load(path: str, map_location=None, impl: str = "auto", ema: bool = True) -> nn.Module:
+    """Rebuild the model saved at `path` with its EMA weights (if stored and `ema`), in eval mode.
+
+    impl: kernel implementation for MFMDiT ("auto" | "torch" | "triton")."""
+    ckpt = read_checkpoint(path, map_location="cpu")
+    model = _build(ckpt["model_class"], ckpt["model_config"], impl)
+    state = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    model.load_state_dict(state, strict=True)
+    if map_location is not None:
+        model = model.to(map_location if not isinstance(map_location, dict) else "cpu")
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- training
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of optimizer step `step`: a pure function of (seed, step)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _split_batch(batch) -> tuple:
+    """sample_batch may return x1, (x1, y) or a dict with "x1" and extra conditioning."""
+    if torch.is_tensor(batch):
+        return batch, {}
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], {"y": batch[1]}
+    if isinstance(batch, dict) and "x1" in batch:
+        return batch["x1"], {k: v for k, v in batch.items() if k != "x1"}
+    raise TypeError("sample_batch(n, generator) must return a tensor x1, a pair (x1, y) or a dict with 'x1'")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _make_optimizer(params, cfg: TrainConfig):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.RAdam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                             decoupled_weight_decay=True)
+
+
+class _Trainer:
+    def __init__(self, model, sample_batch, cfg: TrainConfig, teacher_drift):
+        self.cfg = cfg
+        self.dist = D.info()
+        self.device = resolve_device(cfg.device)
+        self.sample_batch, self.teacher_drift = sample_batch, teacher_drift
+        self.model = _unwrap(model).to(self.device).train()
+        if cfg.grad_checkpointing:
+            if not hasattr(self.model, "grad_checkpointing"):
+                raise ValueError(f"{type(self.model).__name__} has no grad_checkpointing switch")
+            self.model.grad_checkpointing = True
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.fsdp = self.dist.world_size > 1 and cfg.parallel == "fsdp"
+        if self.dist.world_size > 1:
+            D.broadcast_module(self.model)
+            D.broadcast_module(self.ema)
+            if self.fsdp:
+                D.shard_fsdp(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = _make_optimizer(self.params, cfg)
+        self.step = 0
+        self.history: list = []
+        n_c = cfg.n_consistency
+        self.parts = (cfg.batch - n_c, n_c)
+        world = self.dist.world_size
+        if any(n % world for n in self.parts):
+            raise ValueError(f"batch={cfg.batch} with {n_c} consistency rows cannot be split over {world} ranks: "
+                             f"both {self.parts[0]} and {n_c} must be divisible by {world}")
+        self.rows = D.local_rows(self.parts, self.dist.rank, world)
+
+    # -- state
+    def state_dict(self) -> dict:
+        name, config = _model_spec(self.model)
+        return {"format": FORMAT, "version": VERSION, "model_class": name, "model_config": config,
+                "model": self._full_state(self.model), "ema": _cpu_state(self.ema),
+                "optimizer": self._optim_state(), "step": self.step, "history": list(self.history),
+                "train_config": dataclasses.asdict(self.cfg),
+                "rng": {"scheme": "per-step generator seeded by (seed, step)", "seed": self.cfg.seed},
+                "world_size": self.dist.world_size, "extra": {}}
+
+    def _full_state(self, module) -> dict:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return _cpu_state(module)
+
+    def _optim_state(self) -> dict:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            return get_optimizer_state_dict(self.model, self.opt,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.opt.state_dict()
+
+    def load_state_dict(self, ckpt: dict, path: str) -> None:
+        name, config = _model_spec(self.model)
+        if ckpt["model_class"] != name or ckpt["model_config"] != config:
+            raise ValueError(f"checkpoint {path!r} holds a {ckpt['model_class']} {ckpt['model_config']}, "
+                             f"not this {name} {config}")
+        if "optimizer" not in ckpt or "step" not in ckpt:
+            raise ValueError(f"{path!r} is a model file without training state; it cannot be resumed")
+        seed = ckpt.get("train_config", {}).get("seed")
+        if seed != self.cfg.seed:
+            raise ValueError(f"checkpoint {path!r} was trained with seed {seed}, this run has seed {self.cfg.seed}")
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+            set_model_state_dict(self.model, ckpt["model"], options=opts)
+            set_optimizer_state_dict(self.model, self.opt, ckpt["optimizer"], options=opts)
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.step = int(ckpt["step"])
+        self.history = list(ckpt.get("history", []))
+
+    def save(self, path: str) -> None:
+        state = self.state_dict()  # collective under FSDP: every rank takes part
+        if self.dist.is_main:
+            _atomic_save(state, path)
+        D.barrier()
+
+    # -- one optimizer step
+    def global_batch(self, step: int):
+        cfg = self.cfg
+        gen = step_generator(cfg.seed, step)
+        x1, cond = _split_batch(self.sample_batch(cfg.batch, gen))
+        if x1.shape[0] != cfg.batch:
+            raise ValueError(f"sample_batch returned {x1.shape[0]} rows, expected {cfg.batch}")
+        draws = draw(cfg.batch, x1.shape[1:], gen, "cpu", torch.float32, cfg.t_zero_prob, cfg.gamma,
+                     cfg.p_uncond if cond.get("y") is not None else 0.0)
+        return x1, cond, draws
+
+    def train_step(self) -> dict:
+        cfg, step = self.cfg, self.step
+        x1, cond, draws = self.global_batch(step)
+        rows = self.rows
+        x1 = x1[rows].to(self.device, torch.float32)
+        cond = {k: (v[rows].to(self.device) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in cond.items()}
+        draws = draws[rows].to(self.device)
+        lr = cfg.lr_at(step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and self.device.type == "cuda"):
+            loss, logs = mfm_loss(self.model, x1, cfg.consistency, self.teacher_drift, diagonal=cfg.diagonal,
+                                  n_consistency=self.parts[1] // self.dist.world_size,
+                                  consistency_weight=cfg.consistency_weight, adaptive=cfg.adaptive,
+                                  diag_p=cfg.diag_p, cons_p=cfg.cons_p, draws=draws, **cond)
+        loss.backward()
+        if not self.fsdp:
+            D.all_reduce_grads(self.params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        self.opt.step()
+        self._update_ema()
+        self.step += 1
+        keys = sorted(logs)
+        vals = D.all_reduce_mean(torch.stack([logs[k].float() for k in keys]))
+        out = dict(zip(keys, vals))
+        out["grad_norm"] = grad_norm.detach().float()
+        out["lr"] = lr
+        return out
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # warm-up (1 + k)/(10 + k): early, badly trained iterates fade out of short runs' averages
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        ema_p = list(self.ema.parameters())
+        src = list(self.model.parameters())
+        if self.fsdp:  # the EMA copy stays replicated: gather the sharded weights
+            src = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in src]
+        for e, p in zip(ema_p, src):
+            e.lerp_(p.detach().to(e.dtype), 1 - decay)
+        for e, b in zip(self.ema.buffers(), _unwrap(self.model).buffers()):
+            e.copy_(b)
+
+
+def train(model: nn.Module, sample_batch: Callable, cfg: Optional[TrainConfig] = None, out: Optional[str] = None,
+          resume: bool = True, progress: bool = True, teacher_drift: Optional[Callable] = None,
+          callback: Optional[Callable] = None) -> TrainResult:
+    """Train a model following the protocol with `losses.mfm_loss`.
+
+    sample_batch(n, generator) -> x1 | (x1, y) | {"x1": x1, **cond}: n data samples (CPU or device) drawn with the
+    given CPU generator. Under torchrun every rank draws the global batch and keeps its slice.
+    out: checkpoint file, written every `cfg.checkpoint_every` steps and at the end (rank 0); with resume=True an
+    existing file there is resumed from. teacher_drift(t, x, **cond) -> b_t(x) for consistency="esd" or
+    diagonal="distill". callback(step, logs) runs after every step (logs: floats).
+    Returns TrainResult(model, ema, history, step).
+    """
+    cfg = cfg or TrainConfig()
+    if not callable(sample_batch):
+        raise TypeError("sample_batch must be a callable (n, generator) -> batch")
+    if cfg.checkpoint_every and out is None:
+        raise ValueError("checkpoint_every > 0 needs an output path `out`")
+    trainer = _Trainer(model, sample_batch, cfg, teacher_drift)
+    if out is not None and resume and os.path.exists(out):
+        trainer.load_state_dict(read_checkpoint(out, map_location="cpu"), out)
+    bar = None
+    if progress and trainer.dist.is_main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=min(trainer.step, cfg.steps), desc="train", dynamic_ncols=True)
+    pending = []
+    while trainer.step < cfg.steps:
+        logs = trainer.train_step()
+        pending.append((trainer.step, logs))
+        last = trainer.step == cfg.steps
+        if len(pending) >= cfg.log_every or last or callback is not None:
+            for step, lg in pending:  # one host sync per logging interval
+                trainer.history.append({"step": step, **{k: float(v) for k, v in lg.items()}})
+            pending = []
+            if bar is not None:
+                h = trainer.history[-1]
+                bar.set_postfix(loss=f"{h['loss']:.4f}", diag=f"{h.get('diag', 0):.4f}",
+                                cons=f"{h.get('cons', 0):.4f}", refresh=False)
+        if bar is not None:
+            bar.update(1)
+        if out is not None and (last or (cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0)):
+            trainer.save(out)
+        if callback is not None:
+            callback(trainer.step, trainer.history[-1])
+    if bar is not None:
+        bar.close()
+    return TrainResult(trainer.model, trainer.ema, trainer.history, trainer.step)
+
+
+# ---------------------------------------------------------------------------------------------- presets
+def gmm_defaults() -> tuple:
+    """(MFMMLP kwargs, TrainConfig) for the paper's 2-D GMM: a good one-step posterior sampler in a few CPU
+    minutes."""
+    return dict(dim=2, hidden=128, depth=3), TrainConfig(steps=1500, batch=256, lr=2e-3)
+
+
+def digits_defaults() -> tuple:
+    """(DiT config name, TrainConfig) for sklearn's 8×8 digits (1 channel, 10 classes)."""
+    return "MFM-Digits", TrainConfig(steps=4000, batch=128, lr=5e-4, warmup=100, ema_decay=0.999)
+
+
+def dataset_sampler(x: torch.Tensor, y: Optional[torch.Tensor] = None) -> Callable:
+    """sample_batch over a fixed data set: n rows drawn uniformly with replacement."""
+    def sample_batch(n: int, generator: torch.Generator):
+        idx = torch.randint(0, x.shape[0], (n,), generator=generator)
+        return x[idx] if y is None else (x[idx], y[idx])
+    return sample_batch
+
+
+@torch.no_grad()
+def gmm_posterior_sw2(model: nn.Module, gmm, ts=(0.2, 0.5, 0.8), n_contexts: int = 8, n: int = 2048,
+                      seed: int = 0) -> dict:
+    """Sliced-W2 between one-step posterior samples X_{0,1}(ε; t, x) and exact samples of p(x1 | x_t = x), for
+    contexts x ~ p_t, averaged over contexts: {t: (sw2_model, sw2_floor)} where the floor is the sliced-W2 between
+    two independent exact sample sets of the same size."""
+    from .metrics import sliced_w2
+    from .sampling import posterior_sample
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    out = {}
+    for t in ts:
+        x1 = gmm.sample(n_contexts, gen)
+        x = t * x1 + (1 - t) * torch.randn(x1.shape, generator=gen)
+        model_samples = posterior_sample(model, float(t), x.to(device), n, generator=None).cpu()
+        exact_a = gmm.posterior_sample(torch.full((n_contexts,), float(t)), x, n, gen)
+        exact_b = gmm.posterior_sample(torch.full((n_contexts,), float(t)), x, n, gen)
+        sw = [float(sliced_w2(model_samples[i], exact_a[i], generator=gen)) for i in range(n_contexts)]
+        fl = [float(sliced_w2(exact_b[i], exact_a[i], generator=gen)) for i in range(n_contexts)]
+        out[float(t)] = (sum(sw) / n_contexts, sum(fl) / n_contexts)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mfm_fast train", description="Train a Meta Flow Map. Under "
+                                "`torchrun --nproc_per_node=K -m mfm_fast.train ...` it runs data-parallel.")
+    p.add_argument("--data", choices=("gmm", "digits"), required=True,
+                   help="gmm: MFMMLP on the paper's 2-D mixture; digits: DiT on sklearn's 8x8 digits")
+    p.add_argument("--out", required=True, help="checkpoint file (resumed from if it exists)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int, help="global batch")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--consistency", choices=CONSISTENCY)
+    p.add_argument("--consistency-fraction", type=float)
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--parallel", choices=D.PARALLEL, default="ddp", help="under torchrun: ddp or fsdp (FSDP2)")
+    p.add_argument("--hidden", type=int, help="gmm: MLP width")
+    p.add_argument("--depth", type=int, help="gmm: MLP depth")
+    p.add_argument("--config", default=None, help="digits: DiT config name (default MFM-Digits)")
+    p.add_argument("--impl", default="auto", help="DiT kernels: auto | torch | triton")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if --out exists")
+    p.add_argument("--no-eval", action="store_true", help="gmm: skip the posterior sliced-W2 report")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    dinfo = D.init_from_env()
+    try:
+        return _run(args, dinfo)
+    finally:
+        D.shutdown()
+
+
+def _run(args, dinfo: D.DistInfo) -> int:
+    from .models import MFMDiT, MFMMLP
+    if args.data == "gmm":
+        from .data import paper_gmm
+        model_kw, cfg = gmm_defaults()
+        model_kw.update({k: v for k, v in (("hidden", args.hidden), ("depth", args.depth)) if v is not None})
+        gmm = paper_gmm()
+        torch.manual_seed(args.seed if args.seed is not None else cfg.seed)  # the initial weights
+        model = MFMMLP(**model_kw)
+        sample_batch = gmm.sample
+    else:
+        from .data import load_digits
+        name, cfg = digits_defaults()
+        images, labels = load_digits()
+        torch.manual_seed(args.seed if args.seed is not None else cfg.seed)
+        model = MFMDiT(args.config or name, impl=args.impl, in_channels=1, input_size=8, num_classes=10)
+        sample_batch = dataset_sampler(images.float(), labels.long())
+    overrides = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "optimizer": args.optimizer,
+                 "consistency": args.consistency, "consistency_fraction": args.consistency_fraction,
+                 "ema_decay": args.ema_decay, "seed": args.seed, "checkpoint_every": args.checkpoint_every}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None}, device=args.device,
+                              bf16=not args.no_bf16, grad_checkpointing=args.grad_checkpointing,
+                              parallel=args.parallel)
+    result = train(model, sample_batch, cfg, out=args.out, resume=not args.no_resume,
+                   progress=not args.quiet)
+    if dinfo.is_main:
+        last = result.history[-1] if result.history else {}
+        print(f"trained {result.step} steps -> {args.out}" + (f" (loss {last['loss']:.4f})" if last else ""))
+        if args.data == "gmm" and not args.no_eval:
+            print("one-step posterior sliced-W2 (model vs exact | exact vs exact floor):")
+            for t, (sw, floor) in gmm_posterior_sw2(result.ema, gmm).items():
+                print(f"  t={t:.1f}: {sw:.4f} | {floor:.4f}  (ratio {sw / floor:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

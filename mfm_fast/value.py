@@ -1,0 +1,238 @@
+"""N-particle value and value-gradient engine (METHOD §3).
+
+V_t(x) = log E[exp(λ·r(X1)) | X_t = x] is estimated from N one-step posterior samples x̂_i = X_{0,1}(ε_i; t, x):
+V̂ = logsumexp_i λ·r(x̂_i) − log N. Its gradient:
+- "mfm-g":  ∇̂V = ∇_x V̂ = Σ_i w_i ∇_x λ·r(X_{0,1}(ε_i; t, x)), w = softmax_i(λ·r_i): autograd through the
+            network's context input x with ε fixed.
+- "mfm-gf": ∇̂V = t/(1−t)²·(Σ_i w_i x̂_i − (1/N)·Σ_i x̂_i), no reward gradient (Tweedie-type identity).
+
+All particles of all states run as one batch of B·N rows (particle groups: B context rows, B·N transported rows).
+`chunk_size` bounds the rows per network call without changing the result: the noise is drawn once up front, the
+(state, particle) grid is cut into blocks, and the per-block log-sum-exps and gradients are combined exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ._checks import as_time, check_finite_scalar, check_positive_int, check_state
+from .interpolant import bcast
+from .rewards import CheckedReward, as_reward, reward_name
+from .sampling import call_model
+
+ESTIMATORS = ("mfm-g", "mfm-gf")
+# 1 − t is clamped below by this in the MFM-GF prefactor t/(1−t)² (the release clamps 1 − t ≥ 1e-3).
+ONE_MINUS_T_MIN = 1e-3
+
+
+@dataclass
+class Cost:
+    """Work actually done, counted as it runs. Rows are (state, particle) pairs through the network."""
+
+    forward_calls: int = 0  # batched network invocations
+    forward_evals: int = 0  # network rows evaluated (a call on B·N transported rows counts B·N)
+    backward_evals: int = 0  # network rows back-propagated through
+    reward_evals: int = 0  # samples scored by the reward
+    batch: int = 0  # output samples (states) the work was spent on
+    nfe: Optional[int] = None  # the paper's NFE accounting per output sample (METHOD §3), where it defines one
+
+    def add(self, other: "Cost") -> None:
+        self.forward_calls += other.forward_calls
+        self.forward_evals += other.forward_evals
+        self.backward_evals += other.backward_evals
+        self.reward_evals += other.reward_evals
+
+    @property
+    def evals_per_sample(self) -> float:
+        """Counted network passes per output sample, a backward pass counting as one."""
+        return (self.forward_evals + self.backward_evals) / max(self.batch, 1)
+
+
+class CountedModel:
+    """Calls the model and records forward rows, and backward rows when a gradient flows through its output."""
+
+    def __init__(self, model, cost: Cost):
+        self.model, self.cost = model, cost
+
+    def __getattr__(self, attr):
+        if attr in ("model", "cost"):
+            raise AttributeError(attr)
+        return getattr(self.model, attr)
+
+    def __call__(self, s, u, xbar, t, x, **cond):
+        out = self.model(s, u, xbar, t, x, **cond)
+        rows = xbar.shape[0]
+        self.cost.forward_calls += 1
+        self.cost.forward_evals += rows
+        if out.requires_grad:
+            cost = self.cost
+
+            def _count(grad):
+                cost.backward_evals += rows
+
+            out.register_hook(_count)
+        return out
+
+
+class CountedReward:
+    """Calls the reward and records how many samples it scored."""
+
+    def __init__(self, reward, cost: Cost):
+        self.reward, self.cost = reward, cost
+        self.name = reward_name(reward)
+
+    def __getattr__(self, attr):
+        if attr in ("reward", "cost"):
+            raise AttributeError(attr)
+        return getattr(self.reward, attr)
+
+    def __call__(self, x1):
+        self.cost.reward_evals += x1.shape[0]
+        return self.reward(x1)
+
+
+@dataclass
+class ValueResult:
+    value: torch.Tensor  # (B,)  V̂_t(x)
+    grad: torch.Tensor  # x's shape  ∇̂V_t(x)
+    cost: Cost
+
+    @property
+    def forward_evals(self) -> int:
+        return self.cost.forward_evals
+
+    @property
+    def backward_evals(self) -> int:
+        return self.cost.backward_evals
+
+
+def _slice_cond(cond: dict, B: int, rows: slice) -> dict:
+    return {k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B else v) for k, v in cond.items()}
+
+
+def _blocks(B: int, N: int, chunk_size: Optional[int]):
+    """(state slice, particle slice) blocks of at most chunk_size rows; particles are split first."""
+    if chunk_size is None or chunk_size >= B * N:
+        return [(slice(0, B), slice(0, N))]
+    p = min(N, chunk_size)
+    b = max(1, chunk_size // p)
+    return [(slice(i, min(i + b, B)), slice(j, min(j + p, N))) for i in range(0, B, b) for j in range(0, N, p)]
+
+
+def mfmgf_prefactor(t: torch.Tensor) -> torch.Tensor:
+    """t/(1−t)² with 1 − t clamped below at ONE_MINUS_T_MIN (finite at t = 1)."""
+    return t / (1 - t).clamp_min(ONE_MINUS_T_MIN) ** 2
+
+
+def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tensor, estimator: str = "mfm-g",
+             lam: float = 1.0, chunk_size: Optional[int] = None, cond: Optional[dict] = None):
+    """Unvalidated core of `value_and_grad`: t (B,), x (B, *event), noise (B, N, *event) already drawn.
+
+    Performs no host synchronisation, so a steering step built on it can be captured in a CUDA graph.
+    Returns (V (B,), ∇V (x's shape)).
+    """
+    cond = cond or {}
+    B, N = noise.shape[:2]
+    ev = x.shape[1:]
+    blocks = _blocks(B, N, chunk_size)
+    by_states: dict = {}
+    for sb, pb in blocks:
+        by_states.setdefault((sb.start, sb.stop), []).append(pb)
+    values, grads = [], []
+    for (i0, i1), pbs in by_states.items():
+        sb = slice(i0, i1)
+        xs, ts, cs = x[sb].detach(), t[sb], _slice_cond(cond, B, sb)
+        lse, part = [], []  # per particle block: logsumexp of λr, and its gradient (or weighted/plain sums)
+        for pb in pbs:
+            eps = noise[sb, pb].reshape(-1, *ev)
+            b, p = i1 - i0, pb.stop - pb.start
+            zeros = torch.zeros_like(ts)
+            if estimator == "mfm-g":
+                with torch.enable_grad():
+                    xc = xs.clone().requires_grad_(True)
+                    x1 = eps + call_model(model, zeros, zeros + 1, eps, ts, xc, **cs)
+                    r = (lam * reward(x1)).view(b, p)
+                    L = torch.logsumexp(r, dim=1)  # (b,)
+                    if not L.requires_grad:
+                        raise ValueError(f"reward {reward_name(reward)!r}: no gradient reaches the context x; "
+                                         f"estimator 'mfm-g' needs a reward differentiable in its input "
+                                         f"(or use estimator='mfm-gf')")
+                    # Rows are independent states, so the gradient of the sum is the per-state gradient.
+                    (g,) = torch.autograd.grad(L.sum(), xc, allow_unused=True)
+                lse.append(L.detach())
+                part.append(torch.zeros_like(xs) if g is None else g)
+            else:
+                with torch.no_grad():
+                    x1 = (eps + call_model(model, zeros, zeros + 1, eps, ts, xs, **cs)).view(b, p, *ev)
+                    r = (lam * reward(x1.reshape(b * p, *ev))).view(b, p)
+                    w = torch.softmax(r, dim=1).view(b, p, *([1] * len(ev)))
+                    lse.append(torch.logsumexp(r, dim=1))
+                    part.append(((w * x1).sum(1), x1.sum(1)))
+        L = torch.stack(lse)  # (chunks, b)
+        V = torch.logsumexp(L, dim=0)
+        wc = torch.softmax(L, dim=0)  # weight of each particle block within each state
+        if estimator == "mfm-g":
+            g = sum(bcast(wc[k], part[k]) * part[k] for k in range(len(part)))
+        else:
+            weighted = sum(bcast(wc[k], part[k][0]) * part[k][0] for k in range(len(part)))
+            mean = sum(q[1] for q in part) / N
+            g = bcast(mfmgf_prefactor(ts), mean) * (weighted - mean)
+        values.append(V - math.log(N))
+        grads.append(g)
+    return torch.cat(values), torch.cat(grads).to(x.dtype)
+
+
+def _check_model_event(model, x: torch.Tensor) -> None:
+    ev = getattr(model, "event_shape", None)
+    if ev is not None and tuple(x.shape[1:]) != tuple(ev):
+        raise ValueError(f"x must have shape (B, {', '.join(map(str, ev))}) for this model, got {tuple(x.shape)}")
+
+
+def check_estimator(name: str, estimator) -> str:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"{name} must be one of {ESTIMATORS}, got {estimator!r}")
+    return estimator
+
+
+def check_chunk_size(chunk_size) -> Optional[int]:
+    return None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
+
+
+def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimator: str = "mfm-g", lam: float = 1.0,
+                   chunk_size: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                   noise: Optional[torch.Tensor] = None, return_info: bool = False, **cond):
+    """Value V̂_t(x) and value gradient ∇̂V_t(x) from `n_particles` one-step posterior samples per state.
+
+    t: scalar or (B,) in [0, 1]; x: (B, *event). `estimator`: "mfm-g" (reward gradients through the network's
+    context input) or "mfm-gf" (gradient-free; t/(1−t)² uses 1 − t clamped at 1e-3 as in the release, so it stays
+    finite at t = 1). `chunk_size`: the most (state, particle) rows per network call — particles are split into
+    blocks first, then states; the result equals the unchunked one up to rounding (the noise is drawn once, log-sum-
+    exps and softmax-weighted gradients are merged exactly). `noise` ((B, N, *event) or (B·N, *event), particles of a state
+    contiguous) replaces the draw from `generator`. Returns (V (B,), ∇V (x's shape)), or a `ValueResult` with the counted cost if `return_info`.
+    """
+    check_state("x", x)
+    _check_model_event(model, x)
+    B, ev = x.shape[0], tuple(x.shape[1:])
+    t = as_time("t", t, B, x)
+    N = check_positive_int("n_particles", n_particles)
+    lam = check_finite_scalar("lam", lam)
+    check_estimator("estimator", estimator)
+    chunk_size = check_chunk_size(chunk_size)
+    if noise is None:
+        noise = torch.randn((B, N, *ev), generator=generator, device=x.device, dtype=x.dtype)
+    elif noise.dim() == x.dim():  # (B·N, *event), the layout of sampling.posterior_sample
+        check_state("noise", noise, ev, batch=B * N)
+        noise = noise.view(B, N, *ev).to(x.dtype)
+    else:
+        check_state("noise", noise, (N, *ev), batch=B)
+        noise = noise.to(x.dtype)
+    cost = Cost(batch=B)
+    reward = reward if isinstance(reward, CheckedReward) else as_reward(reward)
+    V, g = estimate(CountedModel(model, cost), CountedReward(reward, cost), t, x, noise, estimator, lam,
+                    chunk_size, cond)
+    if return_info:
+        return ValueResult(V, g, cost)
+    return V, g

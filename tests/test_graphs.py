@@ -1,0 +1,158 @@
+"""CUDA-graph steering: CPU fallback and error reasons; on a GPU, replay equals eager and the memory bounds hold."""
+import pytest
+import torch
+
+from mfm_fast.graphs import GraphCaptureError, GraphedSteerStep, _reason, steer_graphed
+from mfm_fast.memory import auto_chunk_size
+from mfm_fast.models.dit import MFMDiT
+from mfm_fast.steer import make_step, steer
+from mfm_fast.value import value_and_grad
+
+def tiny(device="cpu", impl="torch", dtype=torch.float32):
+    model = MFMDiT("MFM-T/2", impl=impl, input_size=4, depth=2, encoder_depth=1)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model.requires_grad_(False).eval().to(device=device, dtype=dtype)
+
+
+def quadratic_reward(target):
+    def reward(x1):
+        return -(x1 - target).pow(2).flatten(1).mean(1)
+    return reward
+
+
+def test_graph_true_on_cpu_warns_and_equals_eager():
+    model = tiny()
+    ev = model.event_shape
+    noise = torch.randn(2, *ev)
+    reward = quadratic_reward(torch.randn(*ev))
+    kw = dict(steps=3, method="mfm-g", n_particles=2, lam=2.0, sde=True, y=torch.tensor([1, 3]))
+    eager = steer(model, reward, noise, generator=torch.Generator().manual_seed(5), **kw)
+    with pytest.warns(UserWarning, match="CUDA") as rec:
+        graphed = steer(model, reward, noise, generator=torch.Generator().manual_seed(5), graph=True, **kw)
+    assert any("cpu" in str(w.message) for w in rec)
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+    assert not torch.allclose(eager, noise)
+
+
+def test_capture_refuses_cpu_tensors_and_host_driven_samplers():
+    model = tiny()
+    ev = model.event_shape
+    reward = quadratic_reward(torch.zeros(*ev))
+    with pytest.raises(GraphCaptureError, match="CUDA tensors; noise is on cpu"):
+        steer_graphed(model, reward, torch.randn(2, *ev), steps=2, method="mfm-g")
+    for method in ("search", "smc"):
+        with pytest.raises(GraphCaptureError, match=f"method '{method}' is not captured"):
+            steer_graphed(model, reward, torch.randn(2, *ev), steps=2, method=method)
+    step = make_step(model, reward, method="none")
+    with pytest.raises(GraphCaptureError, match="CUDA"):
+        GraphedSteerStep(step, torch.randn(2, *ev), torch.linspace(0.1, 1, 3), n_particles=1, draw_eps=False,
+                         draw_xi=False)
+    assert issubclass(GraphCaptureError, RuntimeError)
+
+
+def test_reason_names_the_synchronising_call():
+    def reward_that_reads_a_scalar(x1):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError) as info:
+        reward_that_reads_a_scalar(None)
+    reason = _reason(info.value)
+    assert "synchronises with the host" in reason and "reward_that_reads_a_scalar" in reason
+    assert "test_graphs.py" in reason
+
+
+# ---------------------------------------------------------------- GPU tier
+
+STEER_CASES = [("none", False, None), ("mfm-g", False, None), ("mfm-g", True, "rescale"), ("mfm-gf", True, None),
+               ("mfm-gf", False, "clip"), ("dps", False, None)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("method,sde,renorm", STEER_CASES)
+def test_graph_replay_equals_eager(impl, method, sde, renorm):
+    model = tiny("cuda", impl)
+    ev = model.event_shape
+    noise = torch.randn(3, *ev, device="cuda")
+    reward = quadratic_reward(torch.randn(*ev, device="cuda"))
+    kw = dict(steps=6, method=method, n_particles=4, lam=2.0, sde=sde, renorm=renorm, return_result=True,
+              y=torch.tensor([1, 3, 10], device="cuda"))
+    g_eager = torch.Generator("cuda").manual_seed(7)
+    g_graph = torch.Generator("cuda").manual_seed(7)
+    eager = steer(model, reward, noise, generator=g_eager, **kw)
+    graphed = steer_graphed(model, reward, noise, generator=g_graph, **kw)
+    torch.testing.assert_close(graphed.samples, eager.samples, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(eager.samples, noise)
+    # the graph consumed exactly the random numbers the eager loop did
+    assert torch.equal(g_graph.get_state(), g_eager.get_state())
+    assert graphed.cost.forward_evals == eager.cost.forward_evals
+    assert graphed.cost.backward_evals == eager.cost.backward_evals
+
+
+@pytest.mark.gpu
+def test_graph_with_default_generator_and_through_steer():
+    model = tiny("cuda")
+    ev = model.event_shape
+    noise = torch.randn(2, *ev, device="cuda")
+    reward = quadratic_reward(torch.randn(*ev, device="cuda"))
+    kw = dict(steps=4, method="mfm-g", n_particles=3, sde=True)
+    torch.manual_seed(3)
+    eager = steer(model, reward, noise, **kw)
+    torch.manual_seed(3)
+    graphed = steer(model, reward, noise, graph=True, **kw)
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_syncing_reward_raises_reason_then_eager_still_works():
+    model = tiny("cuda")
+    ev = model.event_shape
+    noise = torch.randn(2, *ev, device="cuda")
+
+    def syncing_reward(x1):
+        scale = float(x1.abs().max())  # a host read: impossible inside a capture
+        return -(x1 / scale).pow(2).flatten(1).mean(1)
+
+    kw = dict(steps=3, method="mfm-g", n_particles=2)
+    with pytest.raises(GraphCaptureError, match="synchronises with the host.*syncing_reward"):
+        steer_graphed(model, syncing_reward, noise, generator=torch.Generator("cuda").manual_seed(1), **kw)
+    # generators and allocator are usable afterwards, and steer(graph=True) falls back to the eager result
+    eager = steer(model, syncing_reward, noise, generator=torch.Generator("cuda").manual_seed(2), **kw)
+    with pytest.warns(UserWarning, match="capture failed"):
+        fallback = steer(model, syncing_reward, noise, generator=torch.Generator("cuda").manual_seed(2),
+                         graph=True, **kw)
+    torch.testing.assert_close(fallback, eager, rtol=0, atol=0)
+    torch.randn(4, device="cuda")  # the default generator left capture mode
+
+
+@pytest.mark.gpu
+def test_xl2_bf16_value_gradient_1024_particles_with_auto_chunks():
+    model = MFMDiT("MFM-XL/2", impl="auto").to("cuda", torch.bfloat16).requires_grad_(False).eval()
+    ev = model.event_shape
+    x = torch.randn(1, *ev, device="cuda", dtype=torch.bfloat16)
+    chunk = auto_chunk_size(model, 1, 1024, torch.bfloat16, "cuda")
+    assert 1 <= chunk <= 1024
+    target = torch.randn(*ev, device="cuda", dtype=torch.bfloat16)
+    V, g = value_and_grad(model, quadratic_reward(target), 0.5, x, 1024, chunk_size=chunk,
+                          generator=torch.Generator("cuda").manual_seed(0))
+    assert V.shape == (1,) and g.shape == x.shape
+    assert torch.isfinite(V).all() and torch.isfinite(g.float()).all()
+
+
+@pytest.mark.gpu
+def test_w4_peak_memory_within_8_gib_for_8_states_by_32_particles():
+    model = MFMDiT("MFM-XL/2", impl="auto").to("cuda", torch.bfloat16).requires_grad_(False).eval()
+    ev = model.event_shape
+    x = torch.randn(8, *ev, device="cuda", dtype=torch.bfloat16)
+    budget = 8 * 2**30
+    chunk = auto_chunk_size(model, 8, 32, torch.bfloat16, "cuda", budget_bytes=budget)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    V, g = value_and_grad(model, quadratic_reward(torch.zeros(*ev, device="cuda", dtype=torch.bfloat16)), 0.5, x,
+                          32, chunk_size=chunk, generator=torch.Generator("cuda").manual_seed(0))
+    torch.cuda.synchronize()
+    assert torch.isfinite(g.float()).all()
+    assert torch.cuda.max_memory_allocated() <= budget, (chunk, torch.cuda.max_memory_allocated() / 2**30)

@@ -1,0 +1,168 @@
+"""gate_residual and gate_residual_ln_modulate: the fused Triton ops against their references (outputs, every
+gradient with upstream gradients for one or both outputs, jvp tangents of both outputs)."""
+import pytest
+import torch
+
+import mfm_fast.ops.adaln as adaln
+from mfm_fast.ops.adaln import poisoned_outputs
+from mfm_fast.ops.gate_residual import (gate_residual, gate_residual_ln_modulate, gate_residual_ln_modulate_ref,
+                                        gate_residual_ref)
+
+# (G groups, N particles per group, L tokens, D features): D not a power of two, N > 1, and the XL width with 3 rows
+SHAPES = [(3, 1, 7, 300), (2, 3, 5, 300), (3, 1, 1, 1152)]
+TOL = dict(rtol=1e-4, atol=1e-5)
+NAMES = ("x", "branch", "gate", "shift", "scale")
+
+
+def make_inputs(G, N, L, D):
+    """x, branch (G·N, L, D); gate, shift, scale (G, D)."""
+    return (torch.randn(G * N, L, D) * 2 + 1, torch.randn(G * N, L, D), torch.randn(G, D), torch.randn(G, D),
+            torch.randn(G, D))
+
+
+def grads(outs, ins, upstream):
+    pairs = [(o, u) for o, u in zip(outs, upstream) if u is not None]
+    return torch.autograd.grad([o for o, _ in pairs], ins, [u for _, u in pairs], allow_unused=True,
+                               retain_graph=True)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fused_outputs_and_every_gradient_match_the_reference(shape):
+    ins = tuple(t.requires_grad_() for t in make_inputs(*shape))
+    with poisoned_outputs():
+        outs = gate_residual_ln_modulate(*ins)
+        refs = gate_residual_ln_modulate_ref(*ins)
+        for name, o, r in zip(("x_new", "y"), outs, refs):
+            torch.testing.assert_close(o, r, **TOL, msg=lambda m: f"{name}: {m}")
+        d_xnew, d_y = torch.randn_like(outs[0]), torch.randn_like(outs[1])
+        # both outputs used, then the LN output alone, then the residual stream alone
+        for used, upstream in (("both", (d_xnew, d_y)), ("y", (None, d_y)), ("x_new", (d_xnew, None))):
+            got = grads(outs, ins, upstream)
+            want = grads(refs, ins, upstream)
+            for name, g, w in zip(NAMES, got, want):
+                if w is None:  # shift/scale get no gradient through x_new alone
+                    assert g is None, (name, used)
+                else:
+                    torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"d{name} (grads of {used}): {m}")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=str)
+def test_gate_residual_output_gradients_and_jvp(shape):
+    ins = tuple(t.requires_grad_() for t in make_inputs(*shape)[:3])
+    with poisoned_outputs():
+        out = gate_residual(*ins)
+        ref = gate_residual_ref(*ins)
+        torch.testing.assert_close(out, ref, **TOL)
+        d = torch.randn_like(out)
+        for name, g, w in zip(NAMES, torch.autograd.grad(out, ins, d), torch.autograd.grad(ref, ins, d)):
+            torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"d{name}: {m}")
+        primals = tuple(t.detach() for t in ins)
+        tangents = tuple(torch.randn_like(t) for t in primals)
+        _, t_out = torch.func.jvp(gate_residual, primals, tangents)
+    torch.testing.assert_close(t_out, torch.func.jvp(gate_residual_ref, primals, tangents)[1], **TOL)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=str)
+def test_fused_jvp_of_both_outputs(shape):
+    primals = make_inputs(*shape)
+    tangents = tuple(torch.randn_like(t) for t in primals)
+    with poisoned_outputs():
+        _, got = torch.func.jvp(gate_residual_ln_modulate, primals, tangents)
+        # tangents for (branch, scale) only: the others are absent, i.e. zero
+        partial = lambda b, c: gate_residual_ln_modulate(primals[0], b, *primals[2:4], c)  # noqa: E731
+        _, got_partial = torch.func.jvp(partial, (primals[1], primals[4]), (tangents[1], tangents[4]))
+    _, want = torch.func.jvp(gate_residual_ln_modulate_ref, primals, tangents)
+    partial_ref = lambda b, c: gate_residual_ln_modulate_ref(primals[0], b, *primals[2:4], c)  # noqa: E731
+    _, want_partial = torch.func.jvp(partial_ref, (primals[1], primals[4]), (tangents[1], tangents[4]))
+    for g, w in zip(got + got_partial, want + want_partial):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+@pytest.mark.interpret
+def test_gradients_without_parameter_grads_and_with_many_rows_per_program(monkeypatch):
+    monkeypatch.setattr(adaln, "BWD_PROGRAMS", 2)
+    import mfm_fast.ops.gate_residual as gr
+    monkeypatch.setattr(gr, "BWD_PROGRAMS", 2)
+    x, branch, gate, shift, scale = make_inputs(2, 3, 11, 300)
+    x.requires_grad_(), branch.requires_grad_()
+    outs = gate_residual_ln_modulate(x, branch, gate, shift, scale)
+    up = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, (x, branch), up)
+    want = torch.autograd.grad(gate_residual_ln_modulate_ref(x, branch, gate, shift, scale), (x, branch), up)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL)
+    ins = (x, branch, gate.requires_grad_(), shift.requires_grad_(), scale.requires_grad_())
+    runs = [grads(gate_residual_ln_modulate(*ins), ins, up) for _ in range(2)]
+    for name, a, b, w in zip(NAMES, *runs, grads(gate_residual_ln_modulate_ref(*ins), ins, up)):
+        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, w, **TOL)
+
+
+@pytest.mark.interpret
+def test_registered_ops_carry_the_backward_that_torch_compile_uses():
+    ins = tuple(t.requires_grad_() for t in make_inputs(2, 3, 5, 300))
+    with poisoned_outputs():
+        outs = torch.ops.mfm_fast.gate_residual_ln_modulate(*ins, 1e-6)
+        refs = gate_residual_ln_modulate_ref(*ins)
+        up = (None, torch.randn_like(outs[1]))  # the LN output alone: no gradient is materialised for x_new
+        for name, g, w in zip(NAMES, grads(outs, ins, up), grads(refs, ins, up)):
+            torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"d{name}: {m}")
+        out = torch.ops.mfm_fast.gate_residual(*ins[:3])
+        d = torch.randn_like(out)
+        want = torch.autograd.grad(gate_residual_ref(*ins[:3]), ins[:3], d)
+        for g, w in zip(torch.autograd.grad(out, ins[:3], d), want):
+            torch.testing.assert_close(g, w, **TOL)
+
+
+@pytest.mark.interpret
+def test_bad_shapes_name_the_argument():
+    x, branch, gate, shift, scale = make_inputs(2, 3, 5, 300)
+    with pytest.raises(ValueError, match="branch"):
+        gate_residual(x, branch[:, :-1], gate)
+    with pytest.raises(ValueError, match="gate"):
+        gate_residual_ln_modulate(x, branch, gate[:, :7], shift, scale)
+    with pytest.raises(ValueError, match="scale"):
+        gate_residual_ln_modulate(x, branch, gate, shift, scale[:1])
+    with pytest.raises(ValueError, match="not a multiple"):
+        gate_residual(x, branch, torch.randn(4, 300))
+
+
+@pytest.mark.gpu
+def test_bf16_error_is_within_twice_the_pytorch_bf16_error():
+    exact_ins = [t.cuda() for t in make_inputs(16, 4, 256, 1152)]
+    exact_ins[2:] = [t * 0.3 for t in exact_ins[2:]]
+    up = [torch.randn_like(exact_ins[0]) for _ in range(2)]
+
+    def run(fn, dtype):
+        ins = [t.to(dtype).requires_grad_() for t in exact_ins]
+        outs = fn(*ins)
+        grads_ = torch.autograd.grad(outs, ins, [u.to(dtype) for u in up])
+        return [o.float() for o in outs] + [g.float() for g in grads_]
+
+    names = ("x_new", "y") + tuple(f"d{n}" for n in NAMES)
+    exact = run(gate_residual_ln_modulate_ref, torch.float32)
+    for name, fast, torch_bf16, ref in zip(names, run(gate_residual_ln_modulate, torch.bfloat16),
+                                           run(gate_residual_ln_modulate_ref, torch.bfloat16), exact):
+        err, err_torch = (fast - ref).abs().max().item(), (torch_bf16 - ref).abs().max().item()
+        assert err <= 2 * err_torch + 1e-3 * ref.abs().max().item(), (name, err, err_torch)
+
+
+@pytest.mark.gpu
+def test_compiled_forward_and_backward_equal_eager():
+    ins = [t.cuda().requires_grad_() for t in make_inputs(4, 2, 64, 1152)]
+    up = [torch.randn_like(ins[0]) for _ in range(2)]
+
+    def f(*args):
+        return gate_residual_ln_modulate(*args)
+
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        outs = fn(*ins)
+        results.append([*outs, *torch.autograd.grad(outs, ins, up)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    torch.library.opcheck(torch.ops.mfm_fast.gate_residual_ln_modulate.default, (*ins, 1e-6))
+    torch.library.opcheck(torch.ops.mfm_fast.gate_residual.default, tuple(ins[:3]))

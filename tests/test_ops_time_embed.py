@@ -1,0 +1,90 @@
+"""time_embed (Triton first layer + batched second layer, interpreter tier) against time_embed_ref."""
+import pytest
+import torch
+
+from mfm_fast.ops.adaln import poisoned_outputs
+from mfm_fast.ops.time_embed import time_embed, time_embed_ref
+
+pytestmark = pytest.mark.interpret
+
+# (G, K, D, F): odd G and D, a non-power-of-two F, G above one tile, K = 1 with the model's F = 256
+SHAPES = [(3, 5, 40, 34), (1, 1, 17, 256), (19, 2, 24, 64)]
+
+
+def make(G, K, D, F, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(G, K, generator=g), torch.randn(K, D, F, generator=g) * F ** -0.5,
+            torch.randn(K, D, generator=g), torch.randn(K, D, D, generator=g) * D ** -0.5,
+            torch.randn(K, D, generator=g)]
+
+
+def close(actual, expected, rel=1e-5, name=""):
+    torch.testing.assert_close(actual, expected, rtol=rel * 10, atol=rel * expected.abs().max().item(),
+                               msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_every_gradient_match_reference(shape):
+    args = [a.requires_grad_() for a in make(*shape)]
+    with poisoned_outputs():
+        out = time_embed(*args)
+        dout = torch.randn(out.shape)
+        grads = torch.autograd.grad(out, args, dout)
+    ref = time_embed_ref(*args)
+    grads_ref = torch.autograd.grad(ref, args, dout)
+    assert out.shape == (shape[0], shape[1], shape[2]) and out.dtype == torch.float32
+    close(out, ref)
+    for name, g, g_ref in zip(["times", "w1", "b1", "w2", "b2"], grads, grads_ref):
+        assert g_ref.abs().max() > 0
+        close(g, g_ref, name=f"d/d {name}")
+
+
+def test_max_period_is_used():
+    args = make(3, 2, 24, 64)
+    for period in (100.0, 10000.0):
+        close(time_embed(*args, max_period=period), time_embed_ref(*args, max_period=period))
+    assert not torch.allclose(time_embed(*args, max_period=100.0), time_embed(*args))
+
+
+@pytest.mark.parametrize("tangents_on", [("times", "w1", "b1", "w2", "b2"), ("times",), ("w1", "b2")])
+def test_jvp_matches_reference(tangents_on):
+    names = ["times", "w1", "b1", "w2", "b2"]
+    args = dict(zip(names, make(3, 5, 40, 34)))
+    tangents = tuple(torch.randn_like(args[n]) for n in tangents_on)
+
+    def restrict(fn):
+        return lambda *xs: fn(**{**args, **dict(zip(tangents_on, xs))})
+
+    primals = tuple(args[n] for n in tangents_on)
+    with poisoned_outputs():
+        out, tan = torch.func.jvp(restrict(time_embed), primals, tangents)
+    out_ref, tan_ref = torch.func.jvp(restrict(time_embed_ref), primals, tangents)
+    close(out, out_ref)
+    close(tan, tan_ref)
+
+
+def test_frozen_weights_give_only_the_time_gradient():
+    times, *weights = make(4, 5, 40, 256)
+    times.requires_grad_()
+    (dt,) = torch.autograd.grad(time_embed(times, *weights).square().sum(), times)
+    (dt_ref,) = torch.autograd.grad(time_embed_ref(times, *weights).square().sum(), times)
+    close(dt, dt_ref)
+
+
+def test_bad_inputs_name_the_argument():
+    times, w1, b1, w2, b2 = make(2, 3, 8, 16)
+    with pytest.raises(ValueError, match="times must have shape"):
+        time_embed(times[0], w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="w1 must have shape"):
+        time_embed(times, w1[..., :15], b1, w2, b2)
+    with pytest.raises(ValueError, match="w2 must have shape"):
+        time_embed(times, w1, b1, w2[:, :4], b2)
+
+
+@pytest.mark.gpu
+def test_bf16_error_within_twice_pytorch_bf16_error():
+    args = [a.cuda() for a in make(4, 5, 1152, 256)]
+    exact = time_embed_ref(*[a.double() for a in args])
+    low = [a.bfloat16() for a in args]
+    err = lambda a: (a.double() - exact).abs().max().item()  # noqa: E731
+    assert err(time_embed(*low)) <= 2 * err(time_embed_ref(*low)) + 1e-3 * exact.abs().max().item()
