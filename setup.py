@@ -20,7 +20,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=7", "hypothesis", "pytest-benchmark", "scikit-learn", "scipy"],
+        "dev": ["pytest>=7", "hypothesis", "pytest-benchmark", "scikit-learn", "scipy", "diffusers>=0.25"],
         "bench": ["pytest-benchmark", "nvidia-ml-py"],
         "latent": ["diffusers>=0.25"],
         "flash": ["flash-attn>=2.5"],

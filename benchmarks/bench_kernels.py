@@ -134,6 +134,8 @@ def test_op(benchmark, name, pass_, impl, device, dtype, shapes, device_info, pe
     benchmark.extra_info.update(device_info, op=name, pass_=pass_, impl=impl, dtype=str(dtype),
                                 shape=[tuple(t.shape) for t in inputs], gbps=gbps,
                                 pct_copy_bw=100 * gbps / device_info["copy_gbps"])
+    if impl == "compile":
+        benchmark.extra_info["compile_backend"] = "inductor" if on_cuda(device) else "eager (CPU smoke)"
     if impl == "fast":
         for peer in ("eager", "compile"):
             if (name, pass_, peer) in peer_times:

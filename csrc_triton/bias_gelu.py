@@ -6,14 +6,13 @@ gelu'(z) = σ + z·σ(1−σ)·2√(2/π)(1 + 3·0.044715 z²). All arithmetic i
 import triton
 import triton.language as tl
 
-_K0 = 1.5957691216057308  # 2·sqrt(2/pi)
-_K1 = 0.044715
-
-
 @triton.jit
 def _gelu_and_grad(z):
-    s = tl.sigmoid(_K0 * (z + _K1 * z * z * z))
-    return z * s, s + z * s * (1.0 - s) * _K0 * (1.0 + 3.0 * _K1 * z * z)
+    # literals, not module globals: compiled Triton only reads constexpr globals, which the interpreter mishandles
+    k0 = 1.5957691216057308  # 2·sqrt(2/pi)
+    k1 = 0.044715
+    s = tl.sigmoid(k0 * (z + k1 * z * z * z))
+    return z * s, s + z * s * (1.0 - s) * k0 * (1.0 + 3.0 * k1 * z * z)
 
 
 @triton.jit

@@ -37,7 +37,7 @@ def time_embed_fwd_kernel(T, W1, B1, OUT, DH, TT, TW1, TB1, G, K, D, F, neg_log_
         if HAS_TT:
             tt = tl.load(TT + g * K + k, mask=gmask, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    dot = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    adot = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     w_base = k.to(tl.int64) * D * F + d[:, None] * F
     for f0 in range(0, F, BLOCK_F):
         j = f0 + tl.arange(0, BLOCK_F)
@@ -48,10 +48,10 @@ def time_embed_fwd_kernel(T, W1, B1, OUT, DH, TT, TW1, TB1, G, K, D, F, neg_log_
         acc += tl.sum(feat[:, None, :] * w[None, :, :], axis=2)
         if MODE == 2:
             if HAS_TT:
-                dot += tl.sum((tt[:, None] * dfeat)[:, None, :] * w[None, :, :], axis=2)
+                adot += tl.sum((tt[:, None] * dfeat)[:, None, :] * w[None, :, :], axis=2)
             if HAS_TW1:
                 tw = tl.load(TW1 + w_base + j[None, :], mask=wmask, other=0.0).to(tl.float32)
-                dot += tl.sum(feat[:, None, :] * tw[None, :, :], axis=2)
+                adot += tl.sum(feat[:, None, :] * tw[None, :, :], axis=2)
     a = acc + tl.load(B1 + k * D + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
     sig = tl.sigmoid(a)
     omask = gmask[:, None] & dmask[None, :]
@@ -64,8 +64,8 @@ def time_embed_fwd_kernel(T, W1, B1, OUT, DH, TT, TW1, TB1, G, K, D, F, neg_log_
             out = dsilu * tl.load(DH + o_offs, mask=omask, other=0.0).to(tl.float32)
         else:
             if HAS_TB1:
-                dot += tl.load(TB1 + k * D + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-            out = dsilu * dot
+                adot += tl.load(TB1 + k * D + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+            out = dsilu * adot
     tl.store(OUT + o_offs, out.to(OUT.dtype.element_ty), mask=omask)
 
 

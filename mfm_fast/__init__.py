@@ -32,9 +32,12 @@ _EXPORTS = {
     "decode_latents": "mfm_fast.latents",
     "save_image_grid": "mfm_fast.latents",
     "get_reward_model": "mfm_fast.reward_models",
+    "auto_chunk_size": "mfm_fast.memory",
+    "GraphCaptureError": "mfm_fast.graphs",
 }
 _SUBMODULES = {"data", "metrics", "rewards", "losses", "interpolant", "glass", "value", "steer", "finetune",
-               "train", "backend", "ops", "models", "sampling", "graphs", "experiments"}
+               "train", "backend", "ops", "models", "sampling", "graphs", "experiments",
+               "memory", "profile"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -367,8 +367,9 @@ class ExactGaussianMFM(torch.nn.Module):
 
     def __init__(self, mean, cov, dtype: torch.dtype = torch.float64):
         super().__init__()
-        mean = _as_tensor("mean", mean, dtype, "cpu")
-        cov = _as_tensor("cov", cov, dtype, "cpu")
+        device = mean.device if torch.is_tensor(mean) else "cpu"
+        mean = _as_tensor("mean", mean, dtype, device)
+        cov = _as_tensor("cov", cov, dtype, device)
         if mean.dim() != 1:
             raise ValueError(f"mean must have shape (d,), got {tuple(mean.shape)}")
         d = mean.shape[0]
@@ -379,6 +380,7 @@ class ExactGaussianMFM(torch.nn.Module):
         self.register_buffer("cov", cov[0])
         self.register_buffer("evals", evals[0])
         self.register_buffer("evecs", evecs[0])
+        self._data = None
 
     @property
     def event_shape(self) -> tuple:
@@ -387,8 +389,11 @@ class ExactGaussianMFM(torch.nn.Module):
     @property
     def data(self) -> GaussianMixture:
         """The data distribution as a one-component GaussianMixture (on the module's device and dtype)."""
-        ones = torch.ones(1, dtype=self.mean.dtype, device=self.mean.device)
-        return GaussianMixture(ones, self.mean[None], self.cov[None], dtype=self.mean.dtype, device=self.mean.device)
+        mean = self.mean
+        if self._data is None or self._data.device != mean.device or self._data.dtype != mean.dtype:
+            ones = torch.ones(1, dtype=mean.dtype, device=mean.device)
+            self._data = GaussianMixture(ones, mean[None], self.cov[None], dtype=mean.dtype, device=mean.device)
+        return self._data
 
     def _context(self, t: torch.Tensor, x: torch.Tensor):
         """Posterior mean μ (G, d) and eigenvalues λ (G, d) of Σ, in the eigenbasis of S."""

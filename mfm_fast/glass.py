@@ -34,9 +34,10 @@ def glass_drift(teacher_drift: Callable, s, xbar: torch.Tensor, t, x: torch.Tens
     s = as_time("s", s, B, x)
     t = as_time("t", t, B, x)
     tiny = torch.finfo(x.dtype).tiny
-    at0 = t == 0  # the context carries no information: t* = s, x* = x̄
+    # the context carries no information: t* = s, x* = x̄ (subnormal t too, whose O(t) effect is not representable)
+    at0 = t < tiny
     one_m_s, one_m_t = 1 - s, 1 - t
-    r = torch.sqrt(t ** 2 * one_m_s ** 2 + s ** 2 * one_m_t ** 2)
+    r = torch.hypot(t * one_m_s, s * one_m_t)  # √D without underflow for tiny s, t
     q = one_m_s * one_m_t
     rq = (r + q).clamp_min(tiny)
     den = torch.where(at0, torch.ones_like(r), (r * rq).clamp_min(tiny))
@@ -44,6 +45,9 @@ def glass_drift(teacher_drift: Callable, s, xbar: torch.Tensor, t, x: torch.Tens
     x_star = (bcast(t * one_m_s ** 2 / den, x) * x + bcast(s * one_m_t ** 2 / den, x) * xbar)
     x_star = torch.where(bcast(at0, x), xbar, x_star)
     b = teacher_drift(t_star, x_star)
+    if not torch.is_tensor(b) or b.shape != x.shape:
+        raise ValueError(f"teacher_drift must return a tensor of shape {tuple(x.shape)}, got "
+                         f"{tuple(b.shape) if torch.is_tensor(b) else type(b).__name__}")
     # (x* − x̄)/(1−s) = t(1−s)·[x − t·x̄ − (1−t)·t·(1−s)·x̄/(r + s(1−t))]/(r(r + q)), and (1−t*)/(1−s) = (1−t)/(r + q)
     corr = t * one_m_s * one_m_t / (r + s * one_m_t).clamp_min(tiny)
     shift = bcast(t * one_m_s / den, x) * (x - bcast(t + corr, x) * xbar)

@@ -62,10 +62,10 @@ class Draws:
     def __len__(self) -> int:
         return self.noise.shape[0]
 
-    def to(self, device) -> "Draws":
+    def to(self, device=None, dtype=None) -> "Draws":
         t = self.times
-        return Draws(Times(*(getattr(t, f.name).to(device) for f in fields(t))), self.noise.to(device),
-                     self.noise_bar.to(device), self.drop_label.to(device))
+        return Draws(Times(*(getattr(t, f.name).to(device, dtype) for f in fields(t))),
+                     self.noise.to(device, dtype), self.noise_bar.to(device, dtype), self.drop_label.to(device))
 
 
 def sample_times(batch: int, generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32,

@@ -57,10 +57,15 @@ def sliced_w2(x: torch.Tensor, y: torch.Tensor, n_projections: int = 256,
     return (px - py).pow(2).mean().sqrt()
 
 
+def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise squared distances through one matmul (cdist is several times slower on CPU)."""
+    return (a.pow(2).sum(-1)[:, None] + b.pow(2).sum(-1)[None] - 2 * a @ b.T).clamp_min(0)
+
+
 def _median_distance(x: torch.Tensor, y: torch.Tensor, max_points: int = 1024) -> torch.Tensor:
     # a subsample of the pooled points is enough for the median and keeps this O(max_points²)
     pool = torch.cat([x[: max_points // 2], y[: max_points // 2]])
-    d2 = torch.cdist(pool, pool).pow(2)
+    d2 = _sq_dists(pool, pool)
     iu = torch.triu_indices(pool.shape[0], pool.shape[0], offset=1, device=pool.device)
     return d2[iu[0], iu[1]].median().sqrt()
 
@@ -81,12 +86,13 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: Optional[Sequence[float]] 
         if not hs or any(not h > 0 for h in hs):
             raise ValueError(f"bandwidths must be a non-empty list of positive numbers, got {bandwidths!r}")
     n, m = x.shape[0], y.shape[0]
-    dxx, dyy, dxy = torch.cdist(x, x).pow(2), torch.cdist(y, y).pow(2), torch.cdist(x, y).pow(2)
+    dxx, dyy, dxy = _sq_dists(x, x), _sq_dists(y, y), _sq_dists(x, y)
     total = x.new_zeros(())
     for h in hs:
         g = -0.5 / h ** 2
-        kxx = (dxx * g).exp().sum() - n  # drop the diagonal (k(a, a) = 1)
-        kyy = (dyy * g).exp().sum() - m
+        kxx, kyy = (dxx * g).exp(), (dyy * g).exp()
+        kxx = kxx.sum() - kxx.diagonal().sum()  # the unbiased estimate leaves out the pairs (a, a)
+        kyy = kyy.sum() - kyy.diagonal().sum()
         kxy = (dxy * g).exp().sum()
         total = total + kxx / (n * (n - 1)) + kyy / (m * (m - 1)) - 2 * kxy / (n * m)
     return total

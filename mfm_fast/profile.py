@@ -78,6 +78,13 @@ def randomize_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:
     return model
 
 
+def throughput(ms: float, flops: float, items: int, unit: str, peak_tflops: Optional[float]) -> dict:
+    """{ms, <unit>: items/s, tflops, pct_of_matmul_peak} for work of `flops` FLOPs over `items` items."""
+    row = {"ms": ms, unit: items / (ms * 1e-3), "tflops": flops / (ms * 1e-3) / 1e12}
+    row["pct_of_matmul_peak"] = 100 * row["tflops"] / peak_tflops if peak_tflops else None
+    return row
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -174,10 +181,11 @@ class Telemetry:
 
 # ---------------------------------------------------------------------------------------------- paths
 
-def build_path(path: str, model: MFMDiT, device: torch.device) -> tuple[nn.Module, str]:
-    """The model as the path runs it, and the kernel implementation it resolved to."""
+def build_path(path: str, model: MFMDiT, device, fast_impl: str = "auto") -> tuple[nn.Module, str]:
+    """The model as the path runs it (the module's impl is switched in place), and the implementation in use."""
+    device = torch.device(device)
     if path == "fast":
-        model.set_impl("auto")
+        model.set_impl(fast_impl)
         return model, model.ops.name
     model.set_impl("torch")
     naive = NaiveParticles(model)
@@ -212,7 +220,7 @@ def profile_path(path: str, model: MFMDiT, states: int, particles: int, steps: i
     chunk = auto_chunk_size(model, states, particles, dtype, device) if fast else None
     flops = forward_flops(model.config)
     rows = states * particles
-    warm = 4 if path == "compile-ro" else 2
+    warm = (4 if path == "compile-ro" else 2) if device.type == "cuda" else 1
     out = {"impl": impl, "chunk_size": chunk}
 
     def w1():
@@ -222,17 +230,12 @@ def profile_path(path: str, model: MFMDiT, states: int, particles: int, steps: i
     def w2():
         return value_and_grad(net, reward, t, x, particles, chunk_size=chunk, y=y)
 
-    def rate(ms, work_flops, items, unit):
-        row = {"ms": ms, unit: items / (ms * 1e-3), "tflops": work_flops / (ms * 1e-3) / 1e12}
-        row["pct_of_matmul_peak"] = 100 * row["tflops"] / peak if peak else None
-        return row
-
     with Telemetry(device) as tele:
-        out["W1"] = rate(time_ms(w1, device, warm, repeat), rows * flops, rows, "samples_per_s")
+        out["W1"] = throughput(time_ms(w1, device, warm, repeat), rows * flops, rows, "samples_per_s", peak)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        out["W2"] = rate(time_ms(w2, device, warm, repeat), 2 * rows * flops, rows, "particles_per_s")
+        out["W2"] = throughput(time_ms(w2, device, warm, repeat), 2 * rows * flops, rows, "particles_per_s", peak)
         peak_gib = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
         out["W3"] = {"ms_per_step": _w3(net, reward, x, y, particles, steps, device, dtype, fast, warm, repeat)}
         out["W4"] = {"peak_gib": peak_gib,

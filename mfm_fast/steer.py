@@ -97,7 +97,8 @@ def steer_ratio(t: torch.Tensor, clamp_ratio: Optional[float]) -> torch.Tensor:
 def renormalise(base: torch.Tensor, steer_term: torch.Tensor, renorm: str, scale: float) -> torch.Tensor:
     """Per sample: steer_term·scale·‖base‖/(1e-8 + ‖steer_term‖); "clip" caps the factor at 1."""
     dims = tuple(range(1, base.dim()))
-    factor = scale * base.norm(dim=dims, keepdim=True) / (1e-8 + steer_term.norm(dim=dims, keepdim=True))
+    norm = functools.partial(torch.linalg.vector_norm, dim=dims, keepdim=True)  # Tensor.norm rejects 3+ dims
+    factor = scale * norm(base) / (1e-8 + norm(steer_term))
     if renorm == "clip":
         factor = factor.clamp(max=1.0)
     return steer_term * factor
@@ -288,7 +289,7 @@ def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, c
 
 def _check_common(model, noise, steps, t_start):
     check_state("noise", noise)
-    _check_model_event(model, noise)
+    _check_model_event(model, noise, "noise")
     check_positive_int("steps", steps)
     t_start = check_finite_scalar("t_start", t_start)
     if not 0 < t_start < 1:

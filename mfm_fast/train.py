@@ -270,6 +270,7 @@ class _Trainer:
             if self.fsdp:
                 D.shard_fsdp(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.dtype = self.params[0].dtype if self.params else torch.float32
         self.opt = _make_optimizer(self.params, cfg)
         self.step = 0
         self.history: list = []
@@ -348,9 +349,9 @@ class _Trainer:
         cfg, step = self.cfg, self.step
         x1, cond, draws = self.global_batch(step)
         rows = self.rows
-        x1 = x1[rows].to(self.device, torch.float32)
+        x1 = x1[rows].to(self.device, self.dtype)
         cond = {k: (v[rows].to(self.device) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in cond.items()}
-        draws = draws[rows].to(self.device)
+        draws = draws[rows].to(self.device, self.dtype)
         lr = cfg.lr_at(step)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -466,11 +467,13 @@ def gmm_posterior_sw2(model: nn.Module, gmm, ts=(0.2, 0.5, 0.8), n_contexts: int
     from .sampling import posterior_sample
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
+    gen_model = torch.Generator(device).manual_seed(seed + 1)
     out = {}
     for t in ts:
         x1 = gmm.sample(n_contexts, gen)
         x = t * x1 + (1 - t) * torch.randn(x1.shape, generator=gen)
-        model_samples = posterior_sample(model, float(t), x.to(device), n, generator=None).cpu()
+        dtype = next(model.parameters()).dtype
+        model_samples = posterior_sample(model, float(t), x.to(device, dtype), n, generator=gen_model).cpu()
         exact_a = gmm.posterior_sample(torch.full((n_contexts,), float(t)), x, n, gen)
         exact_b = gmm.posterior_sample(torch.full((n_contexts,), float(t)), x, n, gen)
         sw = [float(sliced_w2(model_samples[i], exact_a[i], generator=gen)) for i in range(n_contexts)]

@@ -185,10 +185,10 @@ def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tenso
     return torch.cat(values), torch.cat(grads).to(x.dtype)
 
 
-def _check_model_event(model, x: torch.Tensor) -> None:
+def _check_model_event(model, x: torch.Tensor, name: str = "x") -> None:
     ev = getattr(model, "event_shape", None)
     if ev is not None and tuple(x.shape[1:]) != tuple(ev):
-        raise ValueError(f"x must have shape (B, {', '.join(map(str, ev))}) for this model, got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape (B, {', '.join(map(str, ev))}) for this model, got {tuple(x.shape)}")
 
 
 def check_estimator(name: str, estimator) -> str:
@@ -220,6 +220,9 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     N = check_positive_int("n_particles", n_particles)
     lam = check_finite_scalar("lam", lam)
     check_estimator("estimator", estimator)
+    if isinstance(chunk_size, str) and chunk_size == "auto":  # the rows that fit the free device memory
+        from .memory import auto_chunk_size
+        chunk_size = auto_chunk_size(model, B, N, x.dtype, x.device)
     chunk_size = check_chunk_size(chunk_size)
     if noise is None:
         noise = torch.randn((B, N, *ev), generator=generator, device=x.device, dtype=x.dtype)

@@ -11,7 +11,7 @@ if ! $PY -c "import torch" 2>/dev/null; then
   fi
 fi
 EXTRAS=${1:-dev}
-if ! $PY -c "import mfm_fast, einops, safetensors, tqdm, matplotlib, pytest, sklearn, hypothesis, pytest_benchmark" 2>/dev/null \
+if ! $PY -c "import mfm_fast, einops, safetensors, tqdm, matplotlib, pytest, sklearn, hypothesis, pytest_benchmark, diffusers" 2>/dev/null \
    || ! $PY -m pip show -q mfm_fast >/dev/null 2>&1; then
   $PY -m pip install -q -e ".[${EXTRAS}]"
 fi

@@ -145,8 +145,8 @@ def sit_forward(sd, t, x, y, heads, p):
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     for i in range(depth):
         h = block(h, c, sd, i, heads)
-    C = x.shape[1]
-    return final(h, c, sd, p, 2 * C, C)
+    C_out = sd["final_layer.linear.weight"].shape[0] // (p * p)  # 2C for SiT (learn_sigma), C for DMF
+    return final(h, c, sd, p, C_out, x.shape[1])
 
 
 def small_official(seed=0):
@@ -224,7 +224,10 @@ def test_unexpected_and_misshaped_keys_are_named():
     raw[PREFIX + "blocks.0.attn.q_norm.weight"] = torch.randn(72)
     with pytest.raises(CheckpointError, match="unexpected keys") as err:
         load_official_mfm(raw, impl="torch")
-    assert "'blocks.0.attn.q_norm.weight'" in str(err.value)
+    assert "'blocks.0.attn.q_norm.weight'" in str(err.value) and "ignore=" in str(err.value)
+    raw["teacher.blocks.0.attn.qkv.weight"] = torch.randn(3)
+    model = load_official_mfm(raw, impl="torch", ignore=("blocks.0.attn.q_norm.", "teacher."))
+    assert "blocks.0.attn.q_norm.weight" not in model.state_dict()
 
     raw = small_official()
     raw[PREFIX + "blocks.1.attn.proj.weight"] = torch.randn(144, 145)
@@ -275,6 +278,9 @@ def test_weights_only_file_round_trip_and_refusal(tmp_path):
     model = load_official_mfm(str(path), impl="torch", dtype=torch.float64)
     assert model.pos_embed.dtype == torch.float64
     torch.testing.assert_close(model.pos_embed.float(), raw[PREFIX + "pos_embed"])
+    legacy = tmp_path / "legacy.pt"  # the pre-zip serializer cannot be memory-mapped: read without mmap
+    torch.save(raw, legacy, _use_new_zipfile_serialization=False)
+    torch.testing.assert_close(load_official_mfm(legacy, impl="torch").pos_embed, raw[PREFIX + "pos_embed"])
     bad = tmp_path / "with-args.pt"
     torch.save({"model": raw, "args": argparse.Namespace(lr=1e-4)}, bad)
     with pytest.raises(CheckpointError, match="weights_only=False"):
@@ -337,6 +343,19 @@ def test_mfm_from_sit_reproduces_the_sit_velocity_on_the_diagonal():
     # off the diagonal the MFM is a different function (encoder sees s, decoder sees u)
     off = model(t, torch.rand(4), inp["xbar"], inp["t"], inp["x"], y=inp["y"])
     assert (off - ref).abs().max() > 1e-4
+
+
+def test_mfm_from_dmf_orientation_flips_time_and_drops_extra_heads():
+    shapes = sit_shapes(**SMALL)
+    shapes.update({"final_layer.linear.weight": (16, 144), "final_layer.linear.bias": (16,)})
+    sd = random_state(shapes, seed=8)
+    model = mfm_from_sit({**sd, "logvar_linear.weight": torch.randn(1, 144)}, impl="torch", time_flip=True,
+                         ignore=("logvar_linear.",))
+    inp = inputs(B=3, seed=9)
+    t = inp["s"]
+    # DMF orientation (t = 0 data, v = eps - x): the MFM flips time and negates
+    ref = -sit_forward(sd, 1 - t, inp["xbar"], inp["y"], heads=2, p=2)
+    torch.testing.assert_close(model(t, t, inp["xbar"], inp["t"], inp["x"], y=inp["y"]), ref, atol=1e-5, rtol=1e-4)
 
 
 def test_mfm_from_sit_is_strict():

@@ -61,7 +61,7 @@ def test_steer_command_runs_mfm_g_and_reports_cost(files, tmp_path, capsys):
     out = tmp_path / "steer.png"
     rc = cli_main(["steer", "--ckpt", str(files / "mfm-tiny.pt"), "--vae", str(files / "vae"), "--class", "2",
                    "--reward", "mfm_fast.reward_models:toy_reward", "--prompt-template", "a photo of a {class}",
-                   "--method", "mfm-g", "--particles", "2", "--steps", "2", "--n", "2", "--out", str(out), "--renorm", "none",
+                   "--method", "mfm-g", "--particles", "2", "--steps", "2", "--n", "2", "--out", str(out),
                    "--impl", "torch", "--device", "cpu"])
     assert rc == 0
     text = capsys.readouterr().out

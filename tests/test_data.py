@@ -303,9 +303,8 @@ def test_exact_mfm_one_step_posterior(gauss):
     zeros, ones = torch.zeros(B, dtype=F64), torch.ones(B, dtype=F64)
     # X_{0,1}(ε) is affine in ε: μ at ε = 0 and Jacobian J with J·Jᵀ = Σ, exactly
     torch.testing.assert_close(gauss.flow_map(zeros, ones, torch.zeros(B, 3, dtype=F64), t, x), mu)
-    jac = torch.stack([torch.func.jacrev(lambda e: gauss.flow_map(zeros[:1], ones[:1], e, t[b:b + 1],
-                                                                  x[b:b + 1]))(torch.zeros(1, 3, dtype=F64))[0, :, 0]
-                       for b in range(B)])
+    basis = torch.eye(3, dtype=F64).repeat(B, 1)  # particle groups: the 3 basis vectors per context row
+    jac = (gauss.flow_map(zeros, ones, basis, t, x).view(B, 3, 3) - mu[:, None]).mT  # columns X(e_i) − X(0)
     torch.testing.assert_close(jac @ jac.mT, sig, rtol=1e-10, atol=1e-12)
     n = 20000
     eps = torch.randn(B * n, 3, generator=torch.Generator().manual_seed(5), dtype=F64)
@@ -344,10 +343,10 @@ def test_exact_mfm_continuous_as_u_to_s(gauss):
     s, t = torch.rand(B, dtype=F64) * 0.9, torch.rand(B, dtype=F64)
     x, xbar = 2 * torch.randn(B, 3, dtype=F64), torch.randn(B, 3, dtype=F64)
     v0 = gauss(s, s, xbar, t, x)
-    dv = torch.func.jacfwd(lambda u: gauss(s, u, xbar, t, x).sum(0))(s.clone())  # bounded slope in u
-    for delta in (1e-3, 1e-6, 1e-9, 1e-13):
+    slope = (gauss(s, s + 1e-2, xbar, t, x) - v0).abs().max() / 1e-2  # v is smooth in u: gaps shrink like δ
+    for delta in (1e-4, 1e-7, 1e-10, 1e-13):
         gap = (gauss(s, s + delta, xbar, t, x) - v0).abs().max()
-        assert gap <= 2 * delta * (dv.abs().max() + 1) + 1e-13, (delta, gap)
+        assert gap <= 2 * delta * slope + 1e-13, (delta, gap)
 
 
 def test_exact_mfm_particle_groups_equal_repeated_rows(gauss):

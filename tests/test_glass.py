@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mfm_fast.data import PAPER_REWARD, ExactGaussianMFM, GaussianMixture, paper_gmm
 from mfm_fast.glass import glass_drift, glass_posterior_sample, glass_value_and_grad
@@ -31,6 +33,17 @@ def test_closed_form_equals_bayes_oracle(seed):
     assert rel_err(glass_drift(mix.drift, s, xbar, t, x), mix.glass_drift(s, xbar, t, x)) < 1e-8
     # scalar times broadcast to the batch
     assert rel_err(glass_drift(mix.drift, 0.3, xbar, 0.8, x), mix.glass_drift(0.3, xbar, 0.8, x)) < 1e-8
+
+
+_MIX = random_mixture(10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(s=st.floats(0.0, 0.995), t=st.floats(0.0, 0.995), seed=st.integers(0, 2 ** 16))
+def test_closed_form_equals_oracle_over_times(s, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, xbar = 2 * torch.randn(8, 3, generator=g, dtype=F64), 2 * torch.randn(8, 3, generator=g, dtype=F64)
+    assert rel_err(glass_drift(_MIX.drift, s, xbar, t, x), _MIX.glass_drift(s, xbar, t, x)) < 1e-8
 
 
 def test_t_zero_is_teacher_drift_exactly():

@@ -63,6 +63,17 @@ def test_jvp_matches_reference(tangents_on):
     close(tan, tan_ref)
 
 
+def test_registered_op_carries_the_backward_used_under_torch_compile():
+    """The raw first-layer op (what torch.compile sees) differentiates like the reference with W2 = I, b2 = 0."""
+    times, w1, b1, _, _ = [a.requires_grad_() for a in make(3, 2, 8, 16)]
+    h = torch.ops.mfm_fast.time_embed_hidden(times, w1, b1, 10000.0)
+    h_ref = time_embed_ref(times, w1, b1, torch.eye(8).expand(2, 8, 8), torch.zeros(2, 8))
+    close(h, h_ref)
+    dh = torch.randn_like(h)
+    for g, g_ref in zip(torch.autograd.grad(h, (times, w1, b1), dh), torch.autograd.grad(h_ref, (times, w1, b1), dh)):
+        close(g, g_ref)
+
+
 def test_frozen_weights_give_only_the_time_gradient():
     times, *weights = make(4, 5, 40, 256)
     times.requires_grad_()

@@ -185,10 +185,20 @@ def run_method(model, reward, noise, spec: MethodSpec, steps: int, lam: float, g
     return res, elapsed()
 
 
+def mmd_bandwidths(target: torch.Tensor) -> list:
+    """Fixed RBF bandwidths for every comparison with one target: its median pairwise distance × the default
+    factors (a per-pair median would give each method its own kernel)."""
+    from ..metrics import MMD_BANDWIDTH_FACTORS
+    med = float(torch.pdist(target[:1024].double()).median())
+    return [med * f for f in MMD_BANDWIDTH_FACTORS]
+
+
 def distances(samples, target, generator, n_projections: int = 256) -> dict:
+    """Sliced-W2 and unbiased MMD² (fixed multi-bandwidth RBF kernel, METHOD §6) to the target samples."""
     from ..metrics import mmd, sliced_w2
+    samples = samples.to(target.dtype)
     return {"sliced-W2": float(sliced_w2(samples, target, n_projections=n_projections, generator=generator)),
-            "MMD": float(mmd(samples, target))}
+            "MMD²": float(mmd(samples, target, bandwidths=mmd_bandwidths(target)))}
 
 
 def score_rows(spec: MethodSpec, res, wall: float, target, generator, samples=None, reward=None) -> dict:

@@ -15,7 +15,7 @@ import torch
 from .common import gmm_mfm, out_dir, paper_problem, resolve_device, run_method, scatter_panels, write_table, \
     MethodSpec, score_rows
 
-COLUMNS = ["method", "N", "sliced-W2", "MMD", "mean reward", "fwd evals/sample", "bwd evals/sample", "paper NFE",
+COLUMNS = ["method", "N", "sliced-W2", "MMD²", "mean reward", "fwd evals/sample", "bwd evals/sample", "paper NFE",
            "wall s"]
 
 

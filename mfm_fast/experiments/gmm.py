@@ -17,7 +17,7 @@ import torch
 from .common import MethodSpec, gmm_mfm, out_dir, paper_problem, pyplot, resolve_device, run_method, score_rows, \
     write_table
 
-COLUMNS = ["method", "N", "sliced-W2", "MMD", "mean reward", "fwd evals/sample", "bwd evals/sample", "paper NFE",
+COLUMNS = ["method", "N", "sliced-W2", "MMD²", "mean reward", "fwd evals/sample", "bwd evals/sample", "paper NFE",
            "wall s"]
 
 
@@ -66,7 +66,7 @@ def plot(rows, grad_rows, ns, ts, path):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     base = next(r for r in rows if r["method"] == "base (no steering)")
     floor = next(r for r in rows if r["method"].startswith("exact"))
-    for metric, ax in zip(("sliced-W2", "MMD"), axes[:2]):
+    for metric, ax in zip(("sliced-W2", "MMD²"), axes[:2]):
         for label in ("MFM-G", "MFM-GF", "SMC (MFM-G twist)", "MFM-Search", "Best-of-N"):
             ax.plot(ns, [next(r for r in rows if r["method"] == label and r["N"] == n)[metric] for n in ns],
                     "o-", label=label)

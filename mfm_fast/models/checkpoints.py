@@ -151,12 +151,14 @@ def _strip(key: str) -> str:
     return name
 
 
-def canonicalize(state_dict: Mapping) -> dict:
-    """{file key: tensor} -> {MFMDiT name: tensor}, dropping the ignored buffers; a name reached twice is an error."""
+def canonicalize(state_dict: Mapping, ignore: tuple = ()) -> dict:
+    """{file key: tensor} -> {MFMDiT name: tensor}, dropping the ignored buffers and the keys that start with a
+    prefix in `ignore` (before or after stripping); a name reached twice is an error."""
     out, origin = {}, {}
+    ignore = tuple(ignore)
     for key, value in state_dict.items():
         name = _strip(key)
-        if _ignored(name):
+        if _ignored(name) or (ignore and (key.startswith(ignore) or name.startswith(ignore))):
             continue
         if name in out:
             raise CheckpointError(f"keys {origin[name]!r} and {key!r} both map to the parameter {name!r}")
@@ -192,8 +194,10 @@ def check_keys(state: Mapping, expected: Mapping, what: str = "checkpoint") -> N
     if non_float:
         problems.append(f"non-floating-point tensors: {_preview(non_float)}")
     if problems:
+        hint = " (keys that are not part of the backbone can be dropped with ignore=(prefix, ...))" if unexpected \
+            else ""
         raise CheckpointError(f"the {what} does not match the model ({len(expected)} parameters expected): "
-                              + " | ".join(problems))
+                              + " | ".join(problems) + hint)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -263,13 +267,14 @@ def expected_shapes(config: DiTConfig) -> dict:
 
 # ---------------------------------------------------------------------------------------------- loaders
 def load_official_mfm(path_or_state_dict, impl: str = "auto", dtype: Optional[torch.dtype] = None,
-                      device="cpu", *, weights_only: bool = True, **overrides) -> MFMDiT:
+                      device="cpu", *, weights_only: bool = True, ignore: tuple = (), **overrides) -> MFMDiT:
     """MFMDiT with the weights of the official `mfm-xl2.pt` (or of a nested/prefixed training checkpoint, or of
     an mfm_fast .safetensors file). The config is inferred from the shapes (`infer_config`; `overrides` such as
     num_heads=, encoder_depth=, time_flip= win). Strict: any missing, unexpected or mis-shaped key raises a
-    CheckpointError naming it. dtype=None keeps the stored dtype. device="meta" checks keys without memory."""
+    CheckpointError naming it; `ignore` drops keys by prefix. dtype=None keeps the stored dtype. device="meta"
+    checks keys and shapes without allocating."""
     raw, stored_config = read_state_dict(path_or_state_dict, weights_only=weights_only)
-    state = canonicalize(raw)
+    state = canonicalize(raw, ignore)
     if stored_config is not None:
         config = make_config(stored_config, **overrides)
     else:
@@ -284,8 +289,9 @@ def load_official_mfm(path_or_state_dict, impl: str = "auto", dtype: Optional[to
 
 
 def mfm_from_sit(path_or_state_dict, impl: str = "auto", dtype: Optional[torch.dtype] = None, device="cpu", *,
-                 weights_only: bool = True, **overrides) -> MFMDiT:
-    """Start an MFM from an official SiT checkpoint (OFFICIAL_CHECKPOINT.md §5.1), no time flip.
+                 weights_only: bool = True, ignore: tuple = (), **overrides) -> MFMDiT:
+    """Start an MFM from an official SiT checkpoint (OFFICIAL_CHECKPOINT.md §5.1), no time flip (pass
+    time_flip=True for DMF-orientation checkpoints, t = 0 data; their extra heads can be dropped with `ignore`).
 
     SiT's modules are copied 1:1; its 2C-channel final layer keeps the velocity rows (p, q, c < C); its time
     embedder initialises s_embedder and t_embedder_second, after which t_embedder.mlp.2 is zeroed; the context
@@ -293,24 +299,21 @@ def mfm_from_sit(path_or_state_dict, impl: str = "auto", dtype: Optional[torch.d
     SiT's velocity at that time, for any (t, x) context.
     """
     raw, _ = read_state_dict(path_or_state_dict, weights_only=weights_only)
-    state = canonicalize(raw)
-    sit_config = infer_config(state, sit=True, **{k: v for k, v in overrides.items() if k != "learn_sigma"})
+    state = canonicalize(raw, ignore)
+    sit_config = infer_config(state, sit=True, **overrides)
     expected = {k: v for k, v in expected_shapes(sit_config).items() if k.split(".")[0] in SIT_MODULES}
     check_keys(state, expected, what="SiT checkpoint")
-    config = dataclasses.replace(sit_config, learn_sigma=False, time_flip=False)
+    config = dataclasses.replace(sit_config, learn_sigma=False)
     if str(torch.device(device)) == "meta":
         with torch.device("meta"):
             return MFMDiT(config, impl=impl)
     model = MFMDiT(config, impl=impl)
-    own = {k: v for k, v in state.items() if k != "final_layer.linear.weight" and k != "final_layer.linear.bias"}
+    P, C = config.patch_size ** 2, config.in_channels
     with torch.no_grad():
         params = model.state_dict()
-        for name, value in own.items():
-            params[name].copy_(value)
-        P, C = config.patch_size ** 2, config.in_channels
-        for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
-            value = state[name]
-            if sit_config.learn_sigma:  # rows ordered (p, q, c) over 2C channels: keep c < C
+        for name, value in state.items():
+            if name.startswith("final_layer.linear.") and sit_config.learn_sigma:
+                # rows ordered (p, q, c) over 2C channels: keep the velocity channels c < C
                 value = rearrange(value, "(pq c) ... -> pq c ...", pq=P)[:, :C].flatten(0, 1)
             params[name].copy_(value)
         model.x_cond_embedder.load_state_dict(model.x_embedder.state_dict())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -115,16 +114,19 @@ def check_kernel_inputs(op: str, **tensors: torch.Tensor) -> None:
             raise TypeError(f"{op}: the Triton interpreter runs fp32 only; {', '.join(bad)} not float32")
 
 
-def check_modulation(op: str, name: str, t: torch.Tensor, groups: int, D: int) -> None:
-    if t.shape != (groups, D):
-        raise ValueError(f"{op}: {name} must have shape ({groups}, {D}) (groups, features), got {tuple(t.shape)}")
-
-
-def check_rows(op: str, name: str, x: torch.Tensor, groups: int) -> None:
-    if x.dim() < 2:
-        raise ValueError(f"{op}: {name} must have shape (R, ..., D), got {tuple(x.shape)}")
-    if x.shape[0] % groups:
-        raise ValueError(f"{op}: {name} has {x.shape[0]} rows, not a multiple of the {groups} modulation rows")
+def check_groups(op: str, name: str, x: torch.Tensor, mods: dict) -> int:
+    """x (R, L, D) and modulation tensors (G, D) with R a multiple of G -> G; errors name the argument."""
+    if x.dim() != 3:
+        raise ValueError(f"{op}: {name} must have shape (R, L, D), got {tuple(x.shape)}")
+    first = next(iter(mods.values()))
+    G, D = (first.shape[0] if first.dim() == 2 else -1), x.shape[-1]
+    for mod_name, t in mods.items():
+        if t.shape != (G, D):
+            raise ValueError(f"{op}: {mod_name} must have shape (G, {D}) with G = {G} (groups, features), "
+                             f"got {tuple(t.shape)}")
+    if G < 1 or x.shape[0] % G:
+        raise ValueError(f"{op}: {name} has {x.shape[0]} rows, not a multiple of the {G} modulation rows")
+    return G
 
 
 def present_or(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
@@ -154,12 +156,55 @@ class RowPlan(NamedTuple):
 
 
 def row_plan(x: torch.Tensor, groups: int, programs: Optional[int] = None) -> RowPlan:
-    """`programs=None`: one BLOCK_M tile per program (no cross-row reduction); else about that many programs."""
-    D = x.shape[-1]
-    rows_per_group = x.numel() // (D * groups)
+    """`programs=None`: one BLOCK_M tile per program (no cross-row reduction); else about that many programs.
+
+    Sizes are made concrete ints: the launch configuration depends on them (under torch.compile with dynamic shapes
+    this specialises, i.e. guards on, the op's shapes).
+    """
+    groups, D = int(groups), int(x.shape[-1])
+    rows_per_group = int(x.numel()) // (D * groups)
     block_d, block_m, num_warps = row_config(D)
     chunk, chunks = chunking(rows_per_group, groups, block_m, programs)
     return RowPlan(groups, rows_per_group, D, chunk, chunks, block_m, block_d, num_warps)
+
+
+def differentiable_by_recompute(op, reference) -> None:
+    """Give a fused custom op (a jvp) its reverse mode by recomputing `reference`, a PyTorch function of the same
+    arguments, in the backward.
+
+    A loss on a tangent (e.g. Lagrangian self-distillation differentiates ∂_u X_{s,u} w.r.t. the weights) needs the
+    gradient of the jvp; it is rare and second order, so one PyTorch recomputation is the right price, and a tangent
+    that is never differentiated costs nothing extra.
+    """
+
+    def setup_context(ctx, inputs, output):
+        ctx.args = [None if torch.is_tensor(a) else a for a in inputs]
+        ctx.tensor_at = [i for i, a in enumerate(inputs) if torch.is_tensor(a)]
+        ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_at))
+
+    def backward(ctx, *grads):
+        args, wrt = list(ctx.args), []
+        for i, t in zip(ctx.tensor_at, ctx.saved_tensors):
+            args[i] = t.detach().requires_grad_(ctx.needs_input_grad[i])
+            if ctx.needs_input_grad[i]:
+                wrt.append(i)
+        with torch.enable_grad():
+            outs = reference(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        result = [None] * len(args)
+        if pairs and wrt:
+            got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wrt], [g for _, g in pairs],
+                                      allow_unused=True)
+            for i, g in zip(wrt, got):
+                result[i] = g
+        return tuple(result)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+def tangent_or_zero(t: Optional[torch.Tensor], primal: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(primal) if t is None else t.to(primal.dtype)
 
 
 def launch_rows(kernel, plan: RowPlan, tensors: tuple, scalars: tuple = (), **flags) -> None:
@@ -202,6 +247,16 @@ def _ln_modulate_jvp(x: torch.Tensor, scale: torch.Tensor, tx: Optional[torch.Te
     return ty
 
 
+def ln_modulate_tangent_ref(x, scale, tx, tshift, tscale, eps):
+    """PyTorch twin of _ln_modulate_jvp (the tangent does not depend on shift's value: zero stands in for it)."""
+    shift = torch.zeros_like(scale)
+    tangents = (tangent_or_zero(tx, x), tangent_or_zero(tshift, shift), tangent_or_zero(tscale, scale))
+    return torch.func.jvp(lambda a, b, c: ln_modulate_ref(a, b, c, eps), (x, shift, scale), tangents)[1]
+
+
+differentiable_by_recompute(_ln_modulate_jvp, ln_modulate_tangent_ref)
+
+
 class LnModulate(torch.autograd.Function):
     """y = LN(x)·(1+scale) + shift with per-group modulation; backward and jvp by fused kernels."""
 
@@ -240,10 +295,7 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: 
     One read of x and one write of y; fp32 statistics. Differentiable (backward and forward mode: torch.func.jvp).
     """
     check_kernel_inputs("ln_modulate", x=x, shift=shift, scale=scale)
-    G = shift.shape[0] if shift.dim() == 2 else -1
-    check_modulation("ln_modulate", "shift", shift, G, x.shape[-1])
-    check_modulation("ln_modulate", "scale", scale, G, x.shape[-1])
-    check_rows("ln_modulate", "x", x, G)
+    check_groups("ln_modulate", "x", x, dict(shift=shift, scale=scale))
     if x.numel() == 0:
         return ln_modulate_ref(x, shift, scale, eps)
     args = (x.contiguous(), shift.contiguous(), scale.contiguous(), float(eps))

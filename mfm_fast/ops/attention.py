@@ -215,14 +215,24 @@ def _check(q, k, v):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
+_CHOSEN: dict = {}  # dispatch decisions by input signature: a plain lookup per call, constant under torch.compile
+
+
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _Backend:
     _check(q, k, v)
-    table = attention_backends(q, k, v)
-    for b, (_, ok, _) in zip(BACKENDS, table):
-        if ok:
-            return b
-    lines = "\n".join(f"  {name}: {'; '.join(reasons)}" for name, _, reasons in table)
-    raise RuntimeError(f"no attention backend fits q {tuple(q.shape)} {q.dtype} on {q.device}:\n{lines}")
+    need_jvp = needs_jvp(q, k, v)
+    key = (q.device, q.dtype, q.shape[-1], need_jvp, os.environ.get("MFM_FAST_ATTENTION", ""))
+    chosen = _CHOSEN.get(key)
+    if chosen is not None:
+        return chosen
+    table = backend_table(q.device, q.dtype, q.shape[-1], need_jvp)
+    chosen = next((b for b, (_, ok, _) in zip(BACKENDS, table) if ok), None)
+    if chosen is None:
+        lines = "\n".join(f"  {name}: {'; '.join(reasons)}" for name, _, reasons in table)
+        raise RuntimeError(f"no attention backend fits q {tuple(q.shape)} {q.dtype} on {q.device}"
+                           f"{' (jvp needed)' if need_jvp else ''}:\n{lines}")
+    _CHOSEN[key] = chosen
+    return chosen
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
-from .adaln import (BWD_PROGRAMS, check_kernel_inputs, check_modulation, check_rows, filled_or, group_view,
-                    launch_rows, ln_modulate_ref, new_buffer, present_or, row_plan, sum_partials)
+from .adaln import (BWD_PROGRAMS, check_groups, check_kernel_inputs,
+                    differentiable_by_recompute, filled_or, group_view, launch_rows, ln_modulate_ref,
+                    ln_modulate_tangent_ref, new_buffer, present_or, row_plan, sum_partials, tangent_or_zero)
 
 try:
     from csrc_triton import gate_residual as kernels
@@ -102,6 +103,19 @@ def _gate_residual_jvp(x_new: Optional[torch.Tensor], branch: torch.Tensor, gate
     return txo, ty
 
 
+def _tangents_ref(x_new, branch, gate, scale, tx, tbranch, tgate, tshift, tscale, eps):
+    """PyTorch twin of _gate_residual_jvp (the tangents do not depend on x's value: zero stands in for it)."""
+    x = torch.zeros_like(branch)
+    tangents = (tangent_or_zero(tx, x), tangent_or_zero(tbranch, branch), tangent_or_zero(tgate, gate))
+    _, txo = torch.func.jvp(gate_residual_ref, (x, branch, gate), tangents)
+    if x_new is None:
+        return txo, txo.new_empty((0,))
+    return txo, ln_modulate_tangent_ref(x_new, scale, txo, tshift, tscale, eps)
+
+
+differentiable_by_recompute(_gate_residual_jvp, _tangents_ref)
+
+
 # ---------------------------------------------------------------------------------------------- autograd
 class GateResidual(torch.autograd.Function):
     """x_new = x + gate·branch with per-group gate; backward and jvp by fused kernels."""
@@ -179,11 +193,7 @@ def _check(op: str, x, branch, gate, **modulation) -> int:
     check_kernel_inputs(op, x=x, branch=branch, gate=gate, **modulation)
     if branch.shape != x.shape:
         raise ValueError(f"{op}: branch must have x's shape {tuple(x.shape)}, got {tuple(branch.shape)}")
-    G = gate.shape[0] if gate.dim() == 2 else -1
-    for name, t in (("gate", gate), *modulation.items()):
-        check_modulation(op, name, t, G, x.shape[-1])
-    check_rows(op, "x", x, G)
-    return G
+    return check_groups(op, "x", x, dict(gate=gate, **modulation))
 
 
 def gate_residual(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

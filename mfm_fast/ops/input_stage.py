@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch.library import triton_op, wrap_triton
 
-from .adaln import (BWD_PROGRAMS, cdiv, check_kernel_inputs, filled_or, group_view, launch_rows, new_buffer,
-                    present_or, row_config, row_plan, sum_partials)
+from .adaln import (BWD_PROGRAMS, cdiv, check_kernel_inputs, differentiable_by_recompute, filled_or, group_view,
+                    launch_rows, new_buffer, present_or, row_config, row_plan, sum_partials, tangent_or_zero)
 
 try:
     from csrc_triton import input_stage as kernels
@@ -34,7 +34,7 @@ def input_stage_ref(h: torch.Tensor, pos: torch.Tensor, hc: torch.Tensor, shift:
 def _launch_sum(rows: int, groups: int, L: int, a, p, c1, s1, c2, s2, b, dtype: torch.dtype) -> torch.Tensor:
     """out (rows, L, D) = a + p + c1·(1+s1) + c2·s2 + b, absent terms None (one kernel for forward and jvp)."""
     like = next(t for t in (a, p, c1, c2, b) if t is not None)
-    D = like.shape[-1]
+    rows, groups, L, D = int(rows), int(groups), int(L), int(like.shape[-1])
     out = new_buffer((rows, L, D), dtype, like.device)
     launch_rows(kernels.input_stage_kernel, row_plan(out, groups),
                 (present_or(a, out), present_or(p, out), present_or(c1, out), present_or(s1, out),
@@ -64,8 +64,11 @@ def _input_stage_jvp(rows: int, hc: torch.Tensor, scale: torch.Tensor, th: Optio
 def _input_stage_bwd(dout: torch.Tensor, hc: torch.Tensor, scale: torch.Tensor, pos_grad: bool,
                      param_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dpos fp32, dhc, dshift, dscale); dpos and the parameter gradients come back empty when not asked for."""
-    G, L, D = hc.shape
-    N = dout.shape[0] // G
+    def empty():  # a fresh one each time: outputs must not alias each other
+        return hc.new_empty((0,), dtype=torch.float32)
+
+    G, L, D = (int(n) for n in hc.shape)  # concrete: the launch configuration depends on them
+    N = int(dout.shape[0]) // G
     block_d, block_m, num_warps = row_config(D)
     token_blocks = cdiv(L, block_m)
     # split the particle sum over several programs only when groups × token blocks leave the GPU idle
@@ -81,8 +84,6 @@ def _input_stage_bwd(dout: torch.Tensor, hc: torch.Tensor, scale: torch.Tensor, 
         dout, hc, scale, filled_or(dhc, hc), filled_or(ctx_part, hc), *(filled_or(p, hc) for p in parts), N, L, D,
         token_blocks, chunks, per_chunk, SPLIT=split, PARAM_GRAD=param_grad, POS_GRAD=pos_grad, BLOCK_M=block_m,
         BLOCK_D=block_d, num_warps=num_warps)
-    def empty():  # outputs must not alias each other
-        return hc.new_empty((0,), dtype=torch.float32)
 
     if split:
         ctx = ctx_part.sum(1)  # (G, L, D): fixed-order sum over the particle chunks
@@ -95,6 +96,17 @@ def _input_stage_bwd(dout: torch.Tensor, hc: torch.Tensor, scale: torch.Tensor, 
     if not param_grad:
         return dpos, dhc, empty(), empty()
     return dpos, dhc, sum_partials(parts[0], G, scale.dtype), sum_partials(parts[1], G, scale.dtype)
+
+
+def _tangent_ref(rows, hc, scale, th, tpos, thc, tshift, tscale, dtype):
+    """PyTorch twin of _input_stage_jvp (the tangent does not depend on h, pos, shift: zeros stand in for them)."""
+    G, L, D = hc.shape
+    primals = (hc.new_zeros(rows, L, D), hc.new_zeros(L, D), hc, torch.zeros_like(scale), scale)
+    tangents = tuple(tangent_or_zero(t, p) for t, p in zip((th, tpos, thc, tshift, tscale), primals))
+    return torch.func.jvp(input_stage_ref, primals, tangents)[1].to(dtype)
+
+
+differentiable_by_recompute(_input_stage_jvp, _tangent_ref)
 
 
 # ---------------------------------------------------------------------------------------------- autograd

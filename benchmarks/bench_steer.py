@@ -1,0 +1,177 @@
+"""W2–W4 (BENCHMARKS.md): value gradient, one steering step, memory — MFM-XL/2, bf16, cheap analytic reward.
+
+- W2: MFM-G value gradient, 8 states × 32 particles (forward + backward to the context x): ms, particles/s,
+  TFLOP/s (2× forward) and % of the bf16 matmul peak; the row's peak memory is W4's first number.
+- W3: one full steering step (value gradient + drift + Euler update), 1 state × 4 particles: ms/step. The fast
+  path replays the step from a CUDA graph (what `steer(graph=True)` does); "fast-eager" is the same step eagerly.
+- W4: W2 under an 8 GiB bound (auto chunking, fast path): peak GiB and slowdown against the unbounded fast W2;
+  and the largest particle count per state that runs, for the fast path (auto chunks) and the reference.
+Peers as in bench_model.py ("ref", "compile", "compile-ro"). On a CPU (--benchmark-disable) a smoke run at tiny
+shapes: the reference path and one fast-path call (Triton interpreter).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _common import matmul_peak_tflops, run
+from _steering import PATHS, build_model, report, rounds
+from mfm_fast.memory import activation_bytes_per_row, auto_chunk_size
+from mfm_fast.profile import QuadraticReward, build_path, forward_flops
+from mfm_fast.steer import make_step
+from mfm_fast.value import value_and_grad
+
+GiB = 2 ** 30
+W4_BUDGET = 8 * GiB
+
+
+@pytest.fixture(scope="module")
+def dit(device, dtype):
+    return build_model(device, dtype)
+
+
+@pytest.fixture(scope="module")
+def peak(device):
+    return matmul_peak_tflops(device)
+
+
+def problem(model, states, particles, device, dtype, seed=0):
+    """Context x, times, labels, pre-drawn particle noise (identical work every round) and the reward."""
+    gen = torch.Generator(device).manual_seed(seed)
+    ev = model.event_shape
+    x = torch.randn(states, *ev, device=device, dtype=dtype, generator=gen)
+    t = torch.rand(states, device=device, dtype=dtype, generator=gen) * 0.8 + 0.1
+    y = torch.randint(0, model.config.num_classes, (states,), device=device, generator=gen)
+    noise = torch.randn(states, particles, *ev, device=device, dtype=dtype, generator=gen)
+    reward = QuadraticReward(torch.randn(*ev, device=device, dtype=dtype, generator=gen))
+    return x, t, y, noise, reward
+
+
+def w2_shape(device):
+    return (8, 32) if device == "cuda" else (2, 2)
+
+
+def _peak_gib(device):
+    return torch.cuda.max_memory_allocated() / GiB if device == "cuda" else None
+
+
+def _reset_peak(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_w2_value_gradient(benchmark, path, dit, device, dtype, peak, device_info, peer_times):
+    B, N = w2_shape(device)
+    net, impl = build_path(path, dit, device, fast_impl="triton")
+    x, t, y, noise, reward = problem(dit, B, N, device, dtype)
+    chunk = auto_chunk_size(dit, B, N, dtype, device) if path == "fast" else None
+
+    def value_grad():
+        return value_and_grad(net, reward, t, x, N, noise=noise, chunk_size=chunk, y=y)
+
+    _reset_peak(device)
+    (V, g), seconds = run(benchmark, value_grad, device, **rounds(path, device))
+    assert V.shape == (B,) and g.shape == x.shape and torch.isfinite(g.float()).all() and g.abs().max() > 0
+    report(benchmark, "W2", path, impl, seconds, 2 * B * N * forward_flops(dit.config), B * N,
+           "particles_per_s", peak, device_info, peer_times, states=B, particles=N, chunk_size=chunk,
+           peak_mem_gib=_peak_gib(device))
+
+
+W3_PATHS = PATHS[:-1] + ("fast-eager", "fast")
+
+
+@pytest.mark.parametrize("path", W3_PATHS)
+def test_w3_steering_step(benchmark, path, dit, device, dtype, peak, device_info, peer_times):
+    """One MFM-G Doob step (ODE), 1 state × 4 particles; the fast path on a GPU replays a captured graph."""
+    B, N = 1, 4
+    net, impl = build_path("fast" if path.startswith("fast") else path, dit, device, fast_impl="triton")
+    x, _, y, _, reward = problem(dit, B, N, device, dtype)
+    steps = 64
+    grid = torch.linspace(0.01, 1, steps + 1, device=device, dtype=dtype)
+    step = make_step(net, reward, method="mfm-g", cond={"y": y})
+    gen = torch.Generator(device).manual_seed(1)
+    graphed = path == "fast" and device == "cuda"
+    if graphed:
+        from mfm_fast.graphs import GraphedSteerStep
+        g = GraphedSteerStep(step, x, grid, n_particles=N, draw_eps=True, draw_xi=False, generator=gen)
+
+        def one_step():
+            if g.k == g.steps:
+                g.reset(x)
+            return g.replay()
+    else:
+        state = {"x": x, "k": 0}
+
+        def one_step():
+            k = state["k"] % steps
+            xk = x if k == 0 else state["x"]
+            eps = torch.randn((B, N, *x.shape[1:]), generator=gen, device=device, dtype=dtype)
+            with torch.no_grad():
+                state["x"] = step(xk, grid[k], grid[k + 1] - grid[k], eps, None)
+            state["k"] += 1
+            return state["x"]
+
+    _reset_peak(device)
+    out, seconds = run(benchmark, one_step, device, **rounds(path, device))
+    assert out.shape == x.shape and torch.isfinite(out.float()).all()
+    # a step costs one drift forward plus N particles forward and backward
+    report(benchmark, "W3", path, impl, seconds, (1 + 2 * N) * B * forward_flops(dit.config),
+           1, "steps_per_s", peak, device_info, peer_times, states=B, particles=N, graph=graphed,
+           peak_mem_gib=_peak_gib(device))
+
+
+def largest_particle_count(net, model, reward, x, y, device, dtype, chunked: bool, limit: int):
+    """Largest N ≤ limit (doubling) whose single-state value gradient runs without running out of memory."""
+    best, n = None, 1
+    while n <= limit:
+        chunk = auto_chunk_size(model, 1, n, dtype, device) if chunked else None
+        try:
+            V, g = value_and_grad(net, reward, 0.5, x[:1], n, chunk_size=chunk, y=y[:1])
+            assert torch.isfinite(g.float()).all()
+            best = n
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+        n *= 2
+    return best
+
+
+def test_w4_memory_bound_and_particle_capacity(benchmark, dit, device, dtype, peak, device_info, peer_times):
+    """W2 under an 8 GiB bound (fast path, chunks from free memory and the bound) and the particle capacity."""
+    B, N = w2_shape(device)
+    net, impl = build_path("fast", dit, device, fast_impl="triton")
+    x, t, y, noise, reward = problem(dit, B, N, device, dtype)
+    if device == "cuda":
+        budget = W4_BUDGET
+    else:  # the smoke run bounds memory to two rows per call so that chunking is exercised
+        budget = int(2.5 * activation_bytes_per_row(dit, dtype) / 0.8)
+    chunk = auto_chunk_size(dit, B, N, dtype, device, budget_bytes=budget)
+    assert 1 <= chunk < B * N
+
+    def bounded():
+        return value_and_grad(net, reward, t, x, N, noise=noise, chunk_size=chunk, y=y)
+
+    _reset_peak(device)
+    (V, g), seconds = run(benchmark, bounded, device, **rounds("fast", device))
+    peak_gib = _peak_gib(device)
+    assert torch.isfinite(g.float()).all()
+    if device == "cuda":
+        assert peak_gib <= W4_BUDGET / GiB, f"peak {peak_gib:.2f} GiB over the 8 GiB bound (chunk {chunk})"
+    limit = 1024 if device == "cuda" else 2
+    fast_capacity = largest_particle_count(net, dit, reward, x, y, device, dtype, True, limit)
+    ref, _ = build_path("ref", dit, device)
+    ref_capacity = largest_particle_count(ref, dit, reward, x, y, device, dtype, False, limit)
+    assert fast_capacity == limit  # auto chunking never runs out of memory
+    extra = dict(states=B, particles=N, chunk_size=chunk, budget_gib=budget / GiB, peak_mem_gib=peak_gib,
+                 max_particles_fast=fast_capacity, max_particles_ref=ref_capacity, search_limit=limit)
+    unbounded = peer_times.get(("W2", "fast"))
+    if seconds is not None and unbounded is not None:
+        extra["slowdown_vs_unbounded_fast"] = seconds / unbounded
+    report(benchmark, "W4", "fast", impl, seconds, 2 * B * N * forward_flops(dit.config), B * N,
+           "particles_per_s", peak, device_info, peer_times, **extra)

@@ -1,0 +1,98 @@
+"""`python -m mfm_fast profile`: report fields on a CPU run, FLOP accounting, the NVML sampler."""
+import json
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+from mfm_fast.__main__ import main as cli
+from mfm_fast.models.dit import MFMDiT, make_config
+from mfm_fast.profile import NaiveParticles, Telemetry, forward_flops, randomize_
+
+
+def test_forward_flops_match_the_documented_xl2_count():
+    # BENCHMARKS.md: 28·(2·L·D·12D + 4·L²·D) with L = 256, D = 1152 ≈ 237 GFLOP per sample
+    assert forward_flops(make_config("MFM-XL/2")) == 28 * (2 * 256 * 1152 * 12 * 1152 + 4 * 256 ** 2 * 1152)
+    assert forward_flops(make_config("MFM-XL/2")) / 1e9 == pytest.approx(236.7, abs=0.1)
+
+
+def test_naive_particles_repeat_conditioning_to_the_same_result():
+    model = randomize_(MFMDiT("MFM-T/2", impl="torch", input_size=4, depth=1, encoder_depth=1), std=0.1)
+    naive = NaiveParticles(model)
+    assert naive.supports_particle_groups is False and naive.event_shape == model.event_shape
+    from mfm_fast.sampling import call_model
+    ev = model.event_shape
+    G, N = 2, 3
+    s, u, t = torch.rand(G), torch.rand(G), torch.rand(G)
+    xbar, x, y = torch.randn(G * N, *ev), torch.randn(G, *ev), torch.tensor([1, 2])
+    torch.testing.assert_close(call_model(naive, s, u, xbar, t, x, y=y), model(s, u, xbar, t, x, y=y),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_profile_cli_on_cpu_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    rc = cli(["profile", "--model", "MFM-T/2", "--states", "2", "--particles", "2", "--steps", "1",
+              "--paths", "fast,ref", "--repeat", "1", "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "fast" in table and "ref" in table and "not performance" in table
+    assert "telemetry: no GPU" in table
+    rep = json.loads(out.read_text())
+    assert rep["config"]["model"] == "MFM-T/2" and rep["config"]["dtype"] == "float32"
+    assert rep["matmul_peak_tflops"] is None and rep["env"]["gpu"] == "none"
+    rows = 2 * 2
+    flops = rep["config"]["forward_gflop_per_sample"] * 1e9
+    assert flops == pytest.approx(forward_flops(make_config("MFM-T/2")))
+    for path in ("fast", "ref"):
+        r = rep["paths"][path]
+        assert r["impl"] == "torch"
+        w1, w2 = r["W1"], r["W2"]
+        assert w1["ms"] > 0 and w2["ms"] > 0 and r["W3"]["ms_per_step"] > 0
+        assert w1["samples_per_s"] == pytest.approx(rows / (w1["ms"] / 1e3))
+        assert w2["particles_per_s"] == pytest.approx(rows / (w2["ms"] / 1e3))
+        assert w2["tflops"] == pytest.approx(2 * rows * flops / (w2["ms"] / 1e3) / 1e12)
+        assert w2["pct_of_matmul_peak"] is None
+        assert r["W4"] == {"peak_gib": None, "max_particles_per_state": None}
+        assert r["telemetry"]["available"] is False and "CPU" in r["telemetry"]["reason"]
+    assert rep["paths"]["fast"]["chunk_size"] == rows  # no memory bound on a CPU
+    assert rep["paths"]["fast"]["speedup_vs_ref"]["W2"] == pytest.approx(
+        rep["paths"]["ref"]["W2"]["ms"] / rep["paths"]["fast"]["W2"]["ms"])
+
+
+def test_profile_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        cli(["profile", "--states", "0", "--device", "cpu"])
+    with pytest.raises(ValueError, match="unknown path 'fastest'"):
+        cli(["profile", "--model", "MFM-T/2", "--paths", "fastest", "--device", "cpu"])
+
+
+def test_telemetry_samples_nvml_in_a_background_thread(monkeypatch):
+    readings = {"power": 0}
+
+    def power(handle):
+        readings["power"] += 1
+        return 250_000  # mW
+
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, NVML_CLOCK_SM=1, nvmlDeviceGetPowerUsage=power,
+        nvmlDeviceGetClockInfo=lambda handle, kind: 1980,
+        nvmlDeviceGetMemoryInfo=lambda handle: types.SimpleNamespace(used=3 * 2**30))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(Telemetry, "_device_handle", staticmethod(lambda nvml, device: "gpu0"))
+    with Telemetry(torch.device("cuda"), interval_s=0.01) as tele:
+        deadline = time.time() + 5
+        while readings["power"] < 3 and time.time() < deadline:
+            time.sleep(0.01)
+    n = readings["power"]
+    time.sleep(0.05)
+    assert readings["power"] == n  # the thread stopped with the context
+    s = tele.summary()
+    assert s["available"] and s["samples"] >= 3
+    assert s["power_w_mean"] == pytest.approx(250.0) and s["sm_clock_mhz_mean"] == 1980
+    assert s["memory_used_gib_max"] == pytest.approx(3.0)
+    cpu = Telemetry(torch.device("cpu"))
+    with cpu:
+        pass
+    assert cpu.summary() == {"available": False, "reason": "no GPU: NVML telemetry is not sampled on a CPU run"}
