@@ -58,6 +58,26 @@ def test_jvp_matches_the_reference(shape):
     torch.testing.assert_close(ty_xs, ty_xs_ref, **TOL)
 
 
+def tangent_gradients(fn, primals, tangents, weight):
+    """Gradients of <weight, jvp tangent> w.r.t. primals and tangents (reverse over forward, as a loss on ∂_u X)."""
+    _, tangent = torch.func.jvp(fn, primals, tangents)
+    wrt = primals + tangents
+    grads = torch.autograd.grad((tangent * weight).sum(), wrt, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
+
+
+@pytest.mark.interpret
+def test_gradient_through_the_jvp_tangent():
+    primals = tuple(t.requires_grad_() for t in make_inputs(2, 3, 5, 300))
+    tangents = tuple(torch.randn_like(t).requires_grad_() for t in primals)
+    weight = torch.randn_like(primals[0])
+    with poisoned_outputs():
+        got = tangent_gradients(ln_modulate, primals, tangents, weight)
+    for name, g, w in zip(("x", "shift", "scale", "tx", "tshift", "tscale"), got,
+                          tangent_gradients(ln_modulate_ref, primals, tangents, weight)):
+        torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"d{name}: {m}")
+
+
 @pytest.mark.interpret
 def test_vjp_and_forward_ad_go_through_the_fused_op():
     primals = make_inputs(2, 3, 5, 300)

@@ -82,6 +82,26 @@ def test_fused_jvp_of_both_outputs(shape):
 
 
 @pytest.mark.interpret
+def test_gradient_through_the_jvp_tangents():
+    primals = tuple(t.requires_grad_() for t in make_inputs(2, 3, 5, 300))
+    tangents = tuple(torch.randn_like(t).requires_grad_() for t in primals)
+    weights = (torch.randn_like(primals[0]), torch.randn_like(primals[0]))
+
+    def tangent_gradients(fn):
+        _, out = torch.func.jvp(fn, primals, tangents)
+        wrt = primals + tangents
+        loss = sum((o * w).sum() for o, w in zip(out, weights))
+        return [torch.zeros_like(t) if g is None else g
+                for g, t in zip(torch.autograd.grad(loss, wrt, allow_unused=True), wrt)]
+
+    with poisoned_outputs():
+        got = tangent_gradients(gate_residual_ln_modulate)
+    names = NAMES + tuple(f"t{n}" for n in NAMES)
+    for name, g, w in zip(names, got, tangent_gradients(gate_residual_ln_modulate_ref)):
+        torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.interpret
 def test_gradients_without_parameter_grads_and_with_many_rows_per_program(monkeypatch):
     # 33 rows per group, ~5 programs: each program loops over 2 row tiles of 8 rows and a group's
     # parameter-gradient partials come from 3 programs

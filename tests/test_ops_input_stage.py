@@ -75,6 +75,25 @@ def test_jvp_matches_the_reference(shape):
 
 
 @pytest.mark.interpret
+def test_gradient_through_the_jvp_tangent():
+    primals = tuple(t.requires_grad_() for t in make_inputs(2, 3, 5, 300))
+    tangents = tuple(torch.randn_like(t).requires_grad_() for t in primals)
+    weight = torch.randn(6, 5, 300)
+
+    def tangent_gradients(fn):
+        _, tangent = torch.func.jvp(fn, primals, tangents)
+        wrt = primals + tangents
+        grads = torch.autograd.grad((tangent * weight).sum(), wrt, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
+
+    with poisoned_outputs():
+        got = tangent_gradients(input_stage)
+    names = NAMES + tuple(f"t{n}" for n in NAMES)
+    for name, g, w in zip(names, got, tangent_gradients(input_stage_ref)):
+        torch.testing.assert_close(g, w, **TOL, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.interpret
 def test_registered_op_carries_the_backward_that_torch_compile_uses():
     ins = tuple(t.requires_grad_() for t in make_inputs(2, 3, 5, 300))
     with poisoned_outputs():
