@@ -34,28 +34,6 @@ def triton_status() -> tuple[bool, str]:
     return True, f"CUDA ({torch.cuda.get_device_name()})"
 
 
-def check_triton_tensors(**tensors) -> None:
-    """Raise a clear error when the Triton kernels cannot take these tensors (device, dtype, interpreter)."""
-    import torch
-    devices = {t.device for t in tensors.values() if t is not None}
-    if len(devices) > 1:
-        raise ValueError("all inputs must be on one device: "
-                         + ", ".join(f"{k} on {t.device}" for k, t in tensors.items() if t is not None))
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.device.type == "cpu":
-            if not interpreter_on():
-                raise RuntimeError(f"{name} is a CPU tensor: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
-                                   "set before triton is imported (use impl='torch' for the CPU reference)")
-            if t.dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"{name} has dtype {t.dtype}, which the Triton interpreter cannot run (use float32)")
-        elif t.device.type != "cuda":
-            raise RuntimeError(f"{name} is on {t.device}; the Triton kernels run on CUDA devices only")
-
-
 _warned = False
 
 

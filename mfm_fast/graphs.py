@@ -76,13 +76,64 @@ def _reset_after_failed_capture(graph_pool, generators, device):
         repair.capture_end()
 
 
-class GraphedSteerStep:
-    """One steering step captured as a CUDA graph. `replay()` advances the static state `x` by one grid step.
+class StaticStep:
+    """A steering step on static buffers, the form a CUDA graph captures; `run()` advances `x` in place.
 
-    step: `steer.make_step(...)` output, `step(x, t, dt, eps, xi) -> x_next`. grid: (K+1,) times on x's device.
-    `eps` (B, n_particles, *event) is drawn per step when `draw_eps`, then `xi` (B, *event) when `draw_xi`, both
-    from `generator` (None: the default CUDA generator), exactly as the eager loop of `steer` draws them.
-    `warmup` eager runs on a side stream precede the capture; `before_capture()` is called between the two.
+    step: `steer.make_step(...)` output, `step(x, t, dt, eps, xi) -> x_next`. grid: (K+1,) times on x's device;
+    t = grid[k] and dt = grid[k+1] − grid[k] are gathered on the device from the step index `idx`, so nothing on
+    the host changes between steps. `eps` (B, n_particles, *event) is drawn when `draw_eps`, then `xi` (B, *event)
+    when `draw_xi`, both from `generator` — the order and shapes of steer's eager loop, so both consume the same
+    random numbers.
+    """
+
+    def __init__(self, step, x0: torch.Tensor, grid: torch.Tensor, *, n_particles: int, draw_eps: bool,
+                 draw_xi: bool, generator: Optional[torch.Generator] = None):
+        self.device = x0.device
+        self.steps = grid.shape[0] - 1
+        self._step, self._gen = step, generator
+        self._eps_shape = (x0.shape[0], n_particles, *x0.shape[1:]) if draw_eps else None
+        self._draw_xi = draw_xi
+        self.x = x0.detach().clone()  # the state, advanced in place
+        self.grid = grid.detach()
+        self.dts = self.grid[1:] - self.grid[:-1]  # the same values as eager's grid[k+1] - grid[k]
+        self.idx = torch.zeros(1, dtype=torch.long, device=self.device)  # step index, incremented on the device
+        self.k = 0  # host count of completed steps
+
+    def _body(self):
+        t = self.grid.index_select(0, self.idx).squeeze(0)
+        dt = self.dts.index_select(0, self.idx).squeeze(0)
+        eps = None
+        if self._eps_shape is not None:
+            eps = torch.randn(self._eps_shape, generator=self._gen, device=self.device, dtype=self.x.dtype)
+        xi = torch.randn(self.x.shape, generator=self._gen, device=self.device, dtype=self.x.dtype) \
+            if self._draw_xi else None
+        self.x.copy_(self._step(self.x, t, dt, eps, xi))
+        self.idx.add_(1)
+
+    def _check_left(self):
+        if self.k >= self.steps:
+            raise RuntimeError(f"all {self.steps} steps of the grid have run; call reset(x0) first")
+
+    def run(self) -> torch.Tensor:
+        """One step, eagerly; returns the state (updated in place by the next step)."""
+        self._check_left()
+        self._body()
+        self.k += 1
+        return self.x
+
+    def reset(self, x0: torch.Tensor) -> None:
+        """Start again from x0 at the first grid point (the generator is left where it is)."""
+        self.x.copy_(x0)
+        self.idx.zero_()
+        self.k = 0
+
+
+class GraphedSteerStep(StaticStep):
+    """A `StaticStep` captured once as a CUDA graph; `replay()` runs one step (one graph launch).
+
+    `warmup` eager runs on a side stream precede the capture (lazy initialisation, kernel autotuning); the state
+    and the generators are then rewound, so the first replay is step 0 with the caller's random numbers.
+    `before_capture()` is called right before the capture. Raises GraphCaptureError when capture is impossible.
     """
 
     def __init__(self, step, x0: torch.Tensor, grid: torch.Tensor, *, n_particles: int, draw_eps: bool,
@@ -94,16 +145,8 @@ class GraphedSteerStep:
             raise GraphCaptureError(f"CUDA graphs need CUDA tensors; the state is on {x0.device}")
         if generator is not None and generator.device.type != "cuda":
             raise GraphCaptureError(f"the generator is on {generator.device}; in-graph noise needs a CUDA generator")
-        self.device = x0.device
-        self.steps = grid.shape[0] - 1
-        self._step, self._gen = step, generator
-        self._eps_shape = (x0.shape[0], n_particles, *x0.shape[1:]) if draw_eps else None
-        self._draw_xi = draw_xi
-        self.x = x0.detach().clone()  # static state, advanced in place by each replay
-        self.grid = grid.detach()
-        self.dts = self.grid[1:] - self.grid[:-1]  # same values as eager's grid[k+1] - grid[k]
-        self.idx = torch.zeros(1, dtype=torch.long, device=self.device)  # static step index, incremented in graph
-        self.k = 0
+        super().__init__(step, x0, grid, n_particles=n_particles, draw_eps=draw_eps, draw_xi=draw_xi,
+                         generator=generator)
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         default = torch.cuda.default_generators[index]
         gens = [default] if generator is None or generator is default else [default, generator]
@@ -112,13 +155,14 @@ class GraphedSteerStep:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with torch.cuda.stream(side):  # lazy initialisation and kernel autotuning happen here, not in capture
+            with torch.cuda.stream(side):
                 for _ in range(max(1, warmup)):
                     self._body()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
         except Exception as e:
+            _restore_generators(gens, saved)
             raise GraphCaptureError(f"the eager warm-up of the step failed: {_reason(e)}") from e
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
         self.reset(x0)
         _restore_generators(gens, saved)
         if before_capture is not None:
@@ -141,6 +185,7 @@ class GraphedSteerStep:
                     ended = True
                 except Exception as e:
                     error = error or e
+        torch.cuda.current_stream(self.device).wait_stream(side)
         if error is not None:
             if not ended:
                 _reset_after_failed_capture(pool, gens, self.device)
@@ -151,31 +196,14 @@ class GraphedSteerStep:
         self.reset(x0)
         _restore_generators(gens, saved)
 
-    def _body(self):
-        t = self.grid.index_select(0, self.idx).squeeze(0)
-        dt = self.dts.index_select(0, self.idx).squeeze(0)
-        eps = None
-        if self._eps_shape is not None:
-            eps = torch.randn(self._eps_shape, generator=self._gen, device=self.device, dtype=self.x.dtype)
-        xi = torch.randn(self.x.shape, generator=self._gen, device=self.device, dtype=self.x.dtype) \
-            if self._draw_xi else None
-        x_next = self._step(self.x, t, dt, eps, xi)
-        self.x.copy_(x_next)
-        self.idx.add_(1)
-
-    def reset(self, x0: torch.Tensor) -> None:
-        """Start again from x0 at the first grid point (the generator is left where it is)."""
-        self.x.copy_(x0)
-        self.idx.zero_()
-        self.k = 0
-
     def replay(self) -> torch.Tensor:
-        """Run one step; returns the static state (clone it to keep it past the next replay)."""
-        if self.k >= self.steps:
-            raise RuntimeError(f"all {self.steps} steps of the grid have run; call reset(x0) first")
+        """One step (one graph launch); returns the static state (clone it to keep it past the next replay)."""
+        self._check_left()
         self.graph.replay()
         self.k += 1
         return self.x
+
+    run = replay
 
 
 def steer_graphed(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "mfm-g",

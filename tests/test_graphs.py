@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from mfm_fast.graphs import GraphCaptureError, GraphedSteerStep, _reason, steer_graphed
+from mfm_fast.graphs import GraphCaptureError, GraphedSteerStep, StaticStep, _reason, steer_graphed
 from mfm_fast.memory import auto_chunk_size
 from mfm_fast.models.dit import MFMDiT
 from mfm_fast.steer import make_step, steer
 from mfm_fast.value import value_and_grad
 
 def tiny(device="cpu", impl="torch", dtype=torch.float32):
-    model = MFMDiT("MFM-T/2", impl=impl, input_size=4, depth=2, encoder_depth=1)
+    model = MFMDiT("MFM-T/2", impl=impl, input_size=4, hidden_size=72, num_heads=1, depth=2, encoder_depth=1)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -35,6 +35,37 @@ def test_graph_true_on_cpu_warns_and_equals_eager():
     assert any("cpu" in str(w.message) for w in rec)
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
     assert not torch.allclose(eager, noise)
+
+
+@pytest.mark.parametrize("method,sde,renorm", [("mfm-g", True, "rescale"), ("mfm-gf", False, None),
+                                               ("none", True, None)])
+def test_static_step_consumes_noise_like_the_eager_loop(method, sde, renorm):
+    """What the graph captures — t and dt gathered on the device from a step index, noise drawn inside the step
+    — reproduces steer's eager loop exactly for the same generator seed (bitwise, on the CPU)."""
+    model = tiny()
+    ev = model.event_shape
+    noise = torch.randn(2, *ev)
+    reward = quadratic_reward(torch.randn(*ev))
+    y = torch.tensor([1, 3])
+    steps, N = 3, 2
+    eager = steer(model, reward, noise, steps=steps, method=method, n_particles=N, lam=2.0, sde=sde, renorm=renorm,
+                  generator=torch.Generator().manual_seed(5), y=y)
+    gen = torch.Generator().manual_seed(5)
+    step = make_step(model, reward, method=method, sde=sde, lam=2.0, renorm=renorm, cond={"y": y})
+    static = StaticStep(step, noise, torch.linspace(0.01, 1, steps + 1), n_particles=N,
+                        draw_eps=method != "none", draw_xi=sde, generator=gen)
+    with torch.no_grad():
+        for _ in range(steps):
+            static.run()
+    torch.testing.assert_close(static.x, eager, rtol=0, atol=0)
+    assert int(static.idx) == steps
+    with pytest.raises(RuntimeError, match="reset"):
+        static.run()
+    # and the generator advanced exactly as far as the eager loop's
+    ref = torch.Generator().manual_seed(5)
+    steer(model, reward, noise, steps=steps, method=method, n_particles=N, lam=2.0, sde=sde, renorm=renorm,
+          generator=ref, y=y)
+    assert torch.equal(gen.get_state(), ref.get_state())
 
 
 def test_capture_refuses_cpu_tensors_and_host_driven_samplers():

@@ -168,4 +168,9 @@ def test_compiled_forward_and_backward_equal_eager():
         outs.append([y, *torch.autograd.grad(y, (x, shift, scale), dy)])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+def test_opcheck_of_the_registered_op():
+    x, shift, scale = (t.cuda().requires_grad_() for t in make_inputs(4, 2, 64, 1152))
     torch.library.opcheck(torch.ops.mfm_fast.ln_modulate.default, (x, shift, scale, 1e-6))

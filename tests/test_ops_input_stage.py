@@ -149,4 +149,9 @@ def test_compiled_forward_and_backward_equal_eager():
         results.append([out, *torch.autograd.grad(out, ins, up)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+def test_opcheck_of_the_registered_op():
+    ins = [t.cuda().requires_grad_() for t in make_inputs(4, 2, 64, 1152)]
     torch.library.opcheck(torch.ops.mfm_fast.input_stage.default, tuple(ins))

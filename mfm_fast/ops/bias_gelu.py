@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
-from ..backend import check_triton_tensors
-from .adaln import cdiv, new_buffer
+from .adaln import cdiv, check_kernel_inputs, new_buffer
 
 try:
     from csrc_triton import bias_gelu as kernels
@@ -109,7 +108,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     if bias.dim() != 1 or x.dim() < 1 or x.shape[-1] != bias.shape[0]:
         raise ValueError(f"bias must have shape (F,) with F = x.shape[-1]; got x {tuple(x.shape)}, "
                          f"bias {tuple(bias.shape)}")
-    check_triton_tensors(x=x, bias=bias)
+    check_kernel_inputs("bias_gelu", x=x, bias=bias)
     if x.numel() == 0:
         return bias_gelu_ref(x, bias)
     args = (x.contiguous(), bias.contiguous())

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
-from ..backend import check_triton_tensors
-from .adaln import cdiv, new_buffer
+from .adaln import cdiv, check_kernel_inputs, new_buffer
 
 try:
     from csrc_triton import time_embed as kernels
@@ -40,7 +39,7 @@ def time_embed_ref(times: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: 
     return torch.einsum("gkd,ked->gke", h, w2) + b2
 
 
-_BD, _BF = 32, 16  # feature-dim and hidden-dim tile; (BLOCK_G, BD, BF) products stay in registers
+_BD, _BF = 32, 16  # hidden-dim and feature-dim tiles; the (BLOCK_G, BD, BF) products stay in registers
 
 
 def _block_g(G: int) -> int:
@@ -152,7 +151,7 @@ def time_embed(times: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torc
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     if not max_period > 1:
         raise ValueError(f"max_period must be > 1, got {max_period}")
-    check_triton_tensors(times=times, w1=w1, b1=b1, w2=w2, b2=b2)
+    check_kernel_inputs("time_embed", times=times, w1=w1, b1=b1, w2=w2, b2=b2)
     if times.numel() == 0:
         return time_embed_ref(times, w1, b1, w2, b2, max_period)
     args = (times.contiguous(), w1.contiguous(), b1.contiguous(), float(max_period))
