@@ -16,6 +16,7 @@ import torch
 
 from _common import matmul_peak_tflops, run
 from _steering import ON_GPU, PATHS, build_model, report, rounds
+from mfm_fast.graphs import GraphedSteerStep, StaticStep
 from mfm_fast.memory import activation_bytes_per_row, auto_chunk_size
 from mfm_fast.profile import QuadraticReward, build_path, forward_flops
 from mfm_fast.steer import make_step
@@ -94,25 +95,15 @@ def test_w3_steering_step(benchmark, path, dit, device, dtype, peak, device_info
     step = make_step(net, reward, method="mfm-g", cond={"y": y})
     gen = torch.Generator(device).manual_seed(1)
     graphed = path == "fast" and device == "cuda"
-    if graphed:
-        from mfm_fast.graphs import GraphedSteerStep
-        g = GraphedSteerStep(step, x, grid, n_particles=N, draw_eps=True, draw_xi=False, generator=gen)
+    kind = GraphedSteerStep if graphed else StaticStep
+    with torch.no_grad():
+        stepper = kind(step, x, grid, n_particles=N, draw_eps=True, draw_xi=False, generator=gen)
 
-        def one_step():
-            if g.k == g.steps:
-                g.reset(x)
-            return g.replay()
-    else:
-        state = {"x": x, "k": 0}
-
-        def one_step():
-            k = state["k"] % steps
-            xk = x if k == 0 else state["x"]
-            eps = torch.randn((B, N, *x.shape[1:]), generator=gen, device=device, dtype=dtype)
-            with torch.no_grad():
-                state["x"] = step(xk, grid[k], grid[k + 1] - grid[k], eps, None)
-            state["k"] += 1
-            return state["x"]
+    def one_step():
+        if stepper.k == stepper.steps:
+            stepper.reset(x)
+        with torch.no_grad():
+            return stepper.run()
 
     _reset_peak(device)
     out, seconds = run(benchmark, one_step, device, **rounds(path, device))

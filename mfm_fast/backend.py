@@ -34,6 +34,24 @@ def triton_status() -> tuple[bool, str]:
     return True, f"CUDA ({torch.cuda.get_device_name()})"
 
 
+def tangent_needs_grad(*tensors) -> bool:
+    """Inside an autograd.Function's jvp: will reverse mode differentiate the tangent (e.g. a loss on ∂_u X)?
+
+    Under torch.func.jvp the tensors are wrapped and report requires_grad=False at the transform's level, so every
+    wrapped level is inspected. When True, ops compute the tangent from differentiable torch ops instead of the
+    (forward-only) jvp kernel.
+    """
+    import torch
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        while t is not None:
+            if t.requires_grad:
+                return True
+            t = torch._C._functorch.get_unwrapped(t) if torch._C._functorch.is_functorch_wrapped_tensor(t) else None
+    return False
+
+
 _warned = False
 
 

@@ -237,41 +237,37 @@ def profile_path(path: str, model: MFMDiT, states: int, particles: int, steps: i
             torch.cuda.reset_peak_memory_stats(device)
         out["W2"] = throughput(time_ms(w2, device, warm, repeat), 2 * rows * flops, rows, "particles_per_s", peak)
         peak_gib = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
-        out["W3"] = {"ms_per_step": _w3(net, reward, x, y, particles, steps, device, dtype, fast, warm, repeat)}
+        out["W3"] = _w3(net, reward, x, y, particles, steps, device, dtype, fast, warm, repeat)
         out["W4"] = {"peak_gib": peak_gib,
                      "max_particles_per_state": _w4_search(net, model, reward, x, y, device, dtype, fast, w4_search)}
     out["telemetry"] = tele.summary()
     return out
 
 
-def _w3(net, reward, x, y, particles, steps, device, dtype, graphed, warm, repeat) -> float:
+def _w3(net, reward, x, y, particles, steps, device, dtype, graphed, warm, repeat) -> dict:
     """ms per steering step (MFM-G ODE); the fast path replays a CUDA graph of the step where it can."""
+    from .graphs import GraphCaptureError, GraphedSteerStep, StaticStep
     grid = torch.linspace(0.01, 1, steps + 1, device=device, dtype=dtype)
     step = make_step(net, reward, method="mfm-g", cond={"y": y})
-    gen = torch.Generator(device).manual_seed(1)
+    kw = dict(n_particles=particles, draw_eps=True, draw_xi=False, generator=torch.Generator(device).manual_seed(1))
+    stepper, reason = None, None
     if graphed and device.type == "cuda":
-        from .graphs import GraphCaptureError, GraphedSteerStep
         try:
-            g = GraphedSteerStep(step, x, grid, n_particles=particles, draw_eps=True, draw_xi=False, generator=gen)
+            with torch.no_grad():
+                stepper = GraphedSteerStep(step, x, grid, **kw)
         except GraphCaptureError as e:
-            print(f"profile: the steering step could not be captured ({e}); timing it eagerly")
-        else:
-            def replay():
-                if g.k == g.steps:
-                    g.reset(x)
-                g.replay()
-            return time_ms(replay, device, warm, repeat)
-    state = {"x": x, "k": 0}
+            reason = str(e)
+    if stepper is None:
+        stepper = StaticStep(step, x, grid, **kw)
 
-    def eager():
-        k = state["k"] % steps
-        xk = x if k == 0 else state["x"]
-        eps = torch.randn((x.shape[0], particles, *x.shape[1:]), generator=gen, device=device, dtype=dtype)
+    def one_step():
+        if stepper.k == stepper.steps:
+            stepper.reset(x)
         with torch.no_grad():
-            state["x"] = step(xk, grid[k], grid[k + 1] - grid[k], eps, None)
-        state["k"] += 1
+            stepper.run()
 
-    return time_ms(eager, device, warm, repeat)
+    return {"ms_per_step": time_ms(one_step, device, warm, repeat), "graph": isinstance(stepper, GraphedSteerStep),
+            "graph_error": reason}
 
 
 def _w4_search(net, model, reward, x, y, device, dtype, fast, limit: int) -> Optional[int]:
@@ -355,6 +351,9 @@ def format_table(report: dict) -> str:
     first = next((r["telemetry"] for r in report["paths"].values() if "telemetry" in r), None)
     if first is not None and not first["available"]:
         lines.append(f"telemetry: {first['reason']}")
+    for p, r in report["paths"].items():
+        if r.get("W3", {}).get("graph_error"):
+            lines.append(f"{p}: W3 ran eagerly, the step could not be captured: {r['W3']['graph_error']}")
     return "\n".join(lines)
 
 

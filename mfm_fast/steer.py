@@ -329,6 +329,7 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
 
     method: "none" | "mfm-g" | "mfm-gf" | "dps" (Doob ODE, or SDE if `sde`; module docstring) | "search" |
     "smc". `n_particles`: one-step samples per state and step (value estimators, search candidates).
+    `renorm`/`renorm_scale` apply to the Doob and DPS methods.
     `clamp_ratio`: cap on (1−t)/t (None: exact Doob). `chunk_size`: rows per network call in the value estimators.
     `population`: consecutive rows forming one population for "search" with search_mode="global" and for "smc"
     (default: the whole batch). MFM-Search runs on linspace(t_start, 1, K+1)**2.5 and returns the best one-step

@@ -292,20 +292,22 @@ class _Trainer:
                 "rng": {"scheme": "per-step generator seeded by (seed, step)", "seed": self.cfg.seed},
                 "world_size": self.dist.world_size, "extra": {}}
 
+    # torch.distributed.checkpoint's state-dict API gives the same plain layout (full tensors on the CPU, optimizer
+    # state keyed by parameter name) for a single process, replicated ranks and FSDP2 shards, so a checkpoint
+    # resumes under any of them.
     def _full_state(self, module) -> dict:
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return _cpu_state(module)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def _optim_state(self) -> dict:
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-            return get_optimizer_state_dict(self.model, self.opt,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return self.opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(self.model, self.opt,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_state_dict(self, ckpt: dict, path: str) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
         name, config = _model_spec(self.model)
         if ckpt["model_class"] != name or ckpt["model_config"] != config:
             raise ValueError(f"checkpoint {path!r} holds a {ckpt['model_class']} {ckpt['model_config']}, "
@@ -315,15 +317,9 @@ class _Trainer:
         seed = ckpt.get("train_config", {}).get("seed")
         if seed != self.cfg.seed:
             raise ValueError(f"checkpoint {path!r} was trained with seed {seed}, this run has seed {self.cfg.seed}")
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
-            opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-            set_model_state_dict(self.model, ckpt["model"], options=opts)
-            set_optimizer_state_dict(self.model, self.opt, ckpt["optimizer"], options=opts)
-        else:
-            self.model.load_state_dict(ckpt["model"])
-            self.opt.load_state_dict(ckpt["optimizer"])
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, ckpt["model"], options=opts)
+        set_optimizer_state_dict(self.model, self.opt, ckpt["optimizer"], options=opts)
         self.ema.load_state_dict(ckpt["ema"])
         self.step = int(ckpt["step"])
         self.history = list(ckpt.get("history", []))

@@ -209,9 +209,10 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     t: scalar or (B,) in [0, 1]; x: (B, *event). `estimator`: "mfm-g" (reward gradients through the network's
     context input) or "mfm-gf" (gradient-free; t/(1−t)² uses 1 − t clamped at 1e-3 as in the release, so it stays
     finite at t = 1). `chunk_size`: the most (state, particle) rows per network call — particles are split into
-    blocks first, then states; the result equals the unchunked one up to rounding (the noise is drawn once, log-sum-
-    exps and softmax-weighted gradients are merged exactly). `noise` ((B, N, *event) or (B·N, *event), particles of a state
-    contiguous) replaces the draw from `generator`. Returns (V (B,), ∇V (x's shape)), or a `ValueResult` with the counted cost if `return_info`.
+    blocks first, then states; the result equals the unchunked one up to rounding (the noise is drawn once, the
+    per-block log-sum-exps and softmax-weighted gradients are merged exactly). `noise`: (B, N, *event) or
+    (B·N, *event) with the particles of a state contiguous, used instead of drawing from `generator`.
+    Returns (V (B,), ∇V (x's shape)), or a `ValueResult` with the counted cost if `return_info`.
     """
     check_state("x", x)
     _check_model_event(model, x)

@@ -52,6 +52,17 @@ def test_jvp_matches_reference(which):
     close(ty, ty_ref)
 
 
+def test_backward_through_the_jvp_tangent():
+    """Losses such as LSD differentiate a jvp tangent w.r.t. the weights: ∂/∂bias of ||∂_u bias_gelu(u·x, bias)||²."""
+    x, u = torch.randn(4, 30), torch.rand(4, 1)
+    grads = []
+    for fn in (bias_gelu, bias_gelu_ref):
+        bias = torch.linspace(-2, 2, 30).requires_grad_()
+        _, tangent = torch.func.jvp(lambda u_: fn(u_ * x, bias), (u,), (torch.ones_like(u),))
+        grads.append(torch.autograd.grad(tangent.square().sum(), bias)[0])
+    close(grads[0], grads[1], rel=1e-5)
+
+
 def test_bias_gradient_is_deterministic_and_skipped_when_frozen():
     x = torch.randn(300, 130).requires_grad_()
     bias = torch.randn(130).requires_grad_()

@@ -74,6 +74,19 @@ def test_registered_op_carries_the_backward_used_under_torch_compile():
         close(g, g_ref)
 
 
+def test_backward_through_the_jvp_tangent():
+    """Losses such as LSD differentiate a jvp tangent w.r.t. the weights: ∂/∂(w1, b1, w2) of ||∂_t embed||²."""
+    times, *weights = make(3, 5, 40, 34)
+    tangent_t = torch.randn_like(times)
+    grads = []
+    for fn in (time_embed, time_embed_ref):
+        ws = [w.clone().requires_grad_() for w in weights]
+        _, tangent = torch.func.jvp(lambda t: fn(t, *ws), (times,), (tangent_t,))
+        grads.append(torch.autograd.grad(tangent.square().sum(), ws[:3]))  # b2 does not reach the tangent
+    for g, g_ref, name in zip(*grads, ["w1", "b1", "w2"]):
+        close(g, g_ref, name=f"d/d {name}")
+
+
 def test_frozen_weights_give_only_the_time_gradient():
     times, *weights = make(4, 5, 40, 256)
     times.requires_grad_()

@@ -50,6 +50,7 @@ def test_profile_cli_on_cpu_writes_table_and_json(tmp_path, capsys):
         assert r["impl"] == "torch"
         w1, w2 = r["W1"], r["W2"]
         assert w1["ms"] > 0 and w2["ms"] > 0 and r["W3"]["ms_per_step"] > 0
+        assert r["W3"]["graph"] is False and r["W3"]["graph_error"] is None  # no capture attempted on a CPU
         assert w1["samples_per_s"] == pytest.approx(rows / (w1["ms"] / 1e3))
         assert w2["particles_per_s"] == pytest.approx(rows / (w2["ms"] / 1e3))
         assert w2["tflops"] == pytest.approx(2 * rows * flops / (w2["ms"] / 1e3) / 1e12)

@@ -232,7 +232,8 @@ def test_smc_normalising_constant_is_unbiased_and_weighted_mean_is_tilted():
     tilted_mean = chain.tilt(reward.A, reward.y, reward.sigma).means[0]
     noise = torch.randn(R * P, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
     res = steer(model, reward, noise, steps=K, method="smc", n_particles=16, t_start=0.05, clamp_ratio=None,
-                population=P, ess_threshold=0.9, generator=torch.Generator().manual_seed(1), progress=False, return_result=True)
+                population=P, ess_threshold=0.9, generator=torch.Generator().manual_seed(1), progress=False,
+                return_result=True)
     assert res.samples.shape == noise.shape and res.particles.shape == noise.shape
     assert res.log_normalizer.shape == (R,) and res.n_resamples > 0
     z_ratio = torch.exp(res.log_normalizer - log_z)

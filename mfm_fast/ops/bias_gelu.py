@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
+from ..backend import tangent_needs_grad
 from .adaln import cdiv, check_kernel_inputs, new_buffer
 
 try:
@@ -81,6 +82,15 @@ def _backward(ctx, dy):
 bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_backward)
 
 
+def _jvp_differentiable(x, bias, tx, tbias):
+    """The jvp tangent from differentiable torch ops, for losses that backpropagate through a tangent (LSD)."""
+    z = (x + bias).float()
+    s = torch.sigmoid(1.5957691216057308 * (z + 0.044715 * z ** 3))
+    dgelu = s + z * s * (1 - s) * 1.5957691216057308 * (1 + 3 * 0.044715 * z * z)
+    t = (0 if tx is None else tx.float()) + (0 if tbias is None else tbias.float())
+    return (dgelu * t).to(x.dtype)
+
+
 class BiasGelu(torch.autograd.Function):
     @staticmethod
     def forward(x, bias):
@@ -98,6 +108,8 @@ class BiasGelu(torch.autograd.Function):
         if tx is None and tbias is None:
             return None
         x, bias = ctx.saved_tensors
+        if tangent_needs_grad(x, bias, tx, tbias):
+            return _jvp_differentiable(x, bias, tx, tbias)
         tx = None if tx is None else tx.contiguous()
         tbias = None if tbias is None else tbias.contiguous()
         return bias_gelu_jvp(x, bias, tx, tbias)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
+from ..backend import tangent_needs_grad
 from .adaln import cdiv, check_kernel_inputs, new_buffer
 
 try:
@@ -114,6 +115,26 @@ def _backward(ctx, dh):
 time_embed_hidden.register_autograd(_backward, setup_context=_setup_backward)
 
 
+def _hidden_jvp_differentiable(times, w1, b1, max_period, ttimes, tw1, tb1):
+    """The first layer's jvp tangent from differentiable torch ops, for losses that backpropagate through a
+    tangent (LSD): SiLU'(a)·(ṫ·∂feat/∂t·W1ᵀ + feat·Ẇ1ᵀ + ḃ1)."""
+    half = w1.shape[-1] // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=times.device, dtype=torch.float32) / half)
+    args = times.float()[..., None] * freqs  # (G, K, F/2)
+    feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    a = torch.einsum("gkf,kdf->gkd", feats, w1.float()) + b1.float()
+    adot = torch.zeros_like(a)
+    if ttimes is not None:
+        dfeats = torch.cat([-torch.sin(args) * freqs, torch.cos(args) * freqs], dim=-1)
+        adot = adot + ttimes.float()[..., None] * torch.einsum("gkf,kdf->gkd", dfeats, w1.float())
+    if tw1 is not None:
+        adot = adot + torch.einsum("gkf,kdf->gkd", feats, tw1.float())
+    if tb1 is not None:
+        adot = adot + tb1.float()
+    sig = torch.sigmoid(a)
+    return (sig * (1 + a * (1 - sig)) * adot).to(w1.dtype)
+
+
 class TimeEmbedHidden(torch.autograd.Function):
     @staticmethod
     def forward(times, w1, b1, max_period):
@@ -131,6 +152,8 @@ class TimeEmbedHidden(torch.autograd.Function):
         if ttimes is None and tw1 is None and tb1 is None:
             return None
         times, w1, b1 = ctx.saved_tensors
+        if tangent_needs_grad(times, w1, b1, ttimes, tw1, tb1):
+            return _hidden_jvp_differentiable(times, w1, b1, ctx.max_period, ttimes, tw1, tb1)
         return time_embed_hidden_jvp(times, w1, b1, ctx.max_period, _contig(ttimes), _contig(tw1), _contig(tb1))
 
 
