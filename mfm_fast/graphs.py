@@ -21,7 +21,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .steer import (_check_common, _finish, _progress, make_step, paper_nfe)
+from ._checks import check_positive_int
+from .rewards import CheckedReward, as_reward
+from .steer import _check_common, _finish, _progress, make_step, paper_nfe
 from .value import Cost, CountedModel, CountedReward
 
 GRAPH_METHODS = ("none", "mfm-g", "mfm-gf", "dps")
@@ -226,6 +228,8 @@ def steer_graphed(model, reward, noise: torch.Tensor, steps: int = 250, method: 
     if noise.device.type != "cuda":
         raise GraphCaptureError(f"CUDA graphs need CUDA tensors; noise is on {noise.device}")
     t_start = _check_common(model, noise, steps, t_start)
+    check_positive_int("n_particles", n_particles)
+    reward = reward if isinstance(reward, CheckedReward) else as_reward(reward)
     B = noise.shape[0]
     grid = torch.linspace(t_start, 1, steps + 1, device=noise.device, dtype=noise.dtype)
     step_kw = dict(method=method, sde=sde, lam=lam, renorm=renorm, renorm_scale=renorm_scale,

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mfm_fast import train as T
+from mfm_fast.distributed import fsdp_available
 from mfm_fast.data import paper_gmm
 from mfm_fast.models import MFMMLP
 
@@ -48,8 +49,9 @@ def _worker(rank, port, out_dir, tag, kill_at, cfg_kw):
 
         res = T.train(model, paper_gmm().sample, _cfg(**cfg_kw), out=os.path.join(out_dir, f"{tag}.pt"),
                       progress=False, callback=callback if kill_at else None)
-        torch.save({"state": res.model.state_dict(), "history": res.history},
-                   os.path.join(out_dir, f"{tag}_rank{rank}.pt"))
+        if cfg_kw.get("parallel") != "fsdp":  # FSDP2 holds shards; its full weights are in rank 0's checkpoint
+            torch.save({"state": res.model.state_dict(), "history": res.history},
+                       os.path.join(out_dir, f"{tag}_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -84,6 +86,19 @@ def test_two_ranks_match_one_process_and_resume_after_kill(tmp_path):
         assert torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]), k
         torch.testing.assert_close(ranks[0]["state"][k], v, rtol=1e-4, atol=1e-5)
     assert torch.load(tmp_path / "ddp.pt", weights_only=True)["step"] == 8
+
+
+@pytest.mark.skipif(not fsdp_available(), reason="needs torch.distributed.fsdp.fully_shard")
+def test_fsdp2_matches_one_process(tmp_path):
+    single = T.train(_model(), paper_gmm().sample, _cfg(steps=4, checkpoint_every=0), progress=False)
+    _spawn(tmp_path, "fsdp", steps=4, parallel="fsdp")
+    ckpt = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in ckpt["history"]]),
+                               torch.tensor([h["loss"] for h in single.history]), rtol=1e-4, atol=1e-5)
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(ckpt["model"][k], v, rtol=1e-4, atol=1e-5)
+    for k, v in single.ema.state_dict().items():
+        torch.testing.assert_close(ckpt["ema"][k], v, rtol=1e-4, atol=1e-5)
 
 
 def test_uneven_split_is_refused():

@@ -167,10 +167,34 @@ def test_xl2_bf16_value_gradient_1024_particles_with_auto_chunks():
     chunk = auto_chunk_size(model, 1, 1024, torch.bfloat16, "cuda")
     assert 1 <= chunk <= 1024
     target = torch.randn(*ev, device="cuda", dtype=torch.bfloat16)
-    V, g = value_and_grad(model, quadratic_reward(target), 0.5, x, 1024, chunk_size=chunk,
-                          generator=torch.Generator("cuda").manual_seed(0))
-    assert V.shape == (1,) and g.shape == x.shape
-    assert torch.isfinite(V).all() and torch.isfinite(g.float()).all()
+    res = value_and_grad(model, quadratic_reward(target), 0.5, x, 1024, chunk_size="auto",
+                         generator=torch.Generator("cuda").manual_seed(0), return_info=True)
+    assert res.value.shape == (1,) and res.grad.shape == x.shape
+    assert torch.isfinite(res.value).all() and torch.isfinite(res.grad.float()).all()
+    assert res.cost.forward_calls == -(-1024 // chunk) and res.cost.backward_evals == 1024
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_activation_estimate_covers_measured_gpu_peak(impl):
+    """The per-row estimate behind auto_chunk_size bounds the measured peak growth per row (bf16, MFM-B/2)."""
+    from mfm_fast.memory import activation_bytes_per_row
+    model = MFMDiT("MFM-B/2", impl=impl).to("cuda", torch.bfloat16).requires_grad_(False).eval()
+    ev = model.event_shape
+    reward = quadratic_reward(torch.zeros(*ev, device="cuda", dtype=torch.bfloat16))
+    peaks = []
+    for rows in (8, 24):
+        x = torch.randn(1, *ev, device="cuda", dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        value_and_grad(model, reward, 0.5, x, rows)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+    per_row = (peaks[1] - peaks[0]) / 16
+    est = activation_bytes_per_row(model, torch.bfloat16)
+    assert per_row <= est <= 4 * per_row, (per_row / 2**20, est / 2**20)
 
 
 @pytest.mark.gpu

@@ -49,6 +49,8 @@ def timer(device="cpu"):
 
 
 def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         if v != v:
             return "–"

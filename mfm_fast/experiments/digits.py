@@ -236,11 +236,12 @@ def main(argv=None) -> int:
     ax.set_title("class histograms")
     ax.legend(fontsize=7)
     ax = axes[2]
-    res_g, _ = run_method(model, reward, noise[:32], MethodSpec("MFM-G", "mfm-g", 1), K, 1.0, gen)
-    grid = torch.cat([pool.samples[:32], res_g.samples], 0).clamp(-1, 1).cpu()
-    grid = grid.view(8, 8, 8, 8).permute(0, 2, 1, 3).reshape(64, 64)
+    rows_shown = min(32, B) // 8  # image rows of 8 per sampler
+    res_g, _ = run_method(model, reward, noise[:8 * rows_shown], MethodSpec("MFM-G", "mfm-g", 1), K, 1.0, gen)
+    grid = torch.cat([pool.samples[:8 * rows_shown], res_g.samples], 0).clamp(-1, 1).cpu()
+    grid = grid.view(2 * rows_shown, 8, 8, 8).permute(0, 2, 1, 3).reshape(16 * rows_shown, 64)
     ax.imshow(grid, cmap="gray_r")
-    ax.axhline(31.5, color="r")
+    ax.axhline(8 * rows_shown - 0.5, color="r")
     ax.set_title("top: base samples; bottom: MFM-G N=1, λ=1")
     ax.axis("off")
     fig.tight_layout()
