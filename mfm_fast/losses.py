@@ -146,16 +146,12 @@ def _teacher(teacher_drift: Callable, cond: dict) -> Callable:
     return (lambda t, x: teacher_drift(t, x, **cond)) if cond else teacher_drift
 
 
-# The GLASS target divides by (1 − s); s is kept below 1 by this margin (the target is smooth there).
-_S_MAX = 1.0 - 1e-3
-
-
 @torch.no_grad()
 def glass_target(teacher_drift: Callable, s: torch.Tensor, xbar: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
                  **cond) -> torch.Tensor:
     """Zero-variance diagonal target b̄_s(x̄; t, x) from a teacher drift (METHOD §2.2), one teacher call."""
     from .glass import glass_drift
-    return glass_drift(_teacher(teacher_drift, cond), s.clamp(max=_S_MAX), xbar, t, x)
+    return glass_drift(_teacher(teacher_drift, cond), s, xbar, t, x)
 
 
 # ---------------------------------------------------------------------------------------------- diagonal
@@ -182,7 +178,7 @@ def distill_diagonal_loss(model, teacher_drift: Callable, x1: torch.Tensor, draw
     draws, cond = _prepare(model, x1, draws, generator, cond)
     tm = draws.times
     x = context(tm.t, x1, draws.noise)
-    s = tm.s_diag.clamp(max=_S_MAX)
+    s = tm.s_diag
     xbar = interpolate(s, draws.noise_bar, x1)
     target = glass_target(teacher_drift, s, xbar, tm.t, x, **cond)
     v = model(s, s, xbar, tm.t, x, **cond)
@@ -234,12 +230,9 @@ def esd_teacher_loss(model, teacher_drift: Callable, x1: torch.Tensor, draws: Op
                      generator=None, adaptive_p: Optional[float] = None, **cond):
     """Eulerian loss with ṽ = the GLASS conditional drift of the teacher at (s, x̄; t, x): zero-variance target."""
     draws, cond = _prepare(model, x1, draws, generator, cond)
-    tm, x, _ = _states(x1, draws)
-    s = tm.s.clamp(max=_S_MAX)
-    u = torch.maximum(tm.u, s)
-    xbar = interpolate(s, draws.noise_bar, x1)
-    vtilde = glass_target(teacher_drift, s, xbar, tm.t, x, **cond)
-    loss, mse = _eulerian(model, vtilde, s, u, tm.t, xbar, x, cond, adaptive_p)
+    tm, x, xbar = _states(x1, draws)
+    vtilde = glass_target(teacher_drift, tm.s, xbar, tm.t, x, **cond)
+    loss, mse = _eulerian(model, vtilde, tm.s, tm.u, tm.t, xbar, x, cond, adaptive_p)
     return loss, {"cons": mse}
 
 
@@ -301,8 +294,9 @@ def mfm_loss(model, x1: torch.Tensor, consistency: str = "meanflow", teacher_dri
                      p_uncond if cond.get("y") is not None else 0.0)
     n_d = B - n_consistency
     dp, cp = (diag_p, cons_p) if adaptive else (None, None)
-    rows = lambda sl: {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B else v)  # noqa: E731
-                       for k, v in cond.items()}
+
+    def rows(sl):
+        return {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B else v) for k, v in cond.items()}
 
     total = x1.new_zeros((), dtype=torch.float32)
     logs = {}

@@ -48,7 +48,12 @@ def _config(model):
 
 
 def _uses_reference_attention(model) -> bool:
-    return getattr(model, "impl", "torch") == "torch"
+    """The reference ops keep the explicit softmax; the fused path's attention backends do not."""
+    impl = getattr(model, "impl", "torch")
+    if impl == "auto":
+        from .backend import resolve_impl
+        impl = resolve_impl(impl)
+    return impl == "torch"
 
 
 def activation_bytes_per_row(model, dtype: torch.dtype = torch.bfloat16, recompute: bool = False) -> int:
@@ -61,12 +66,13 @@ def activation_bytes_per_row(model, dtype: torch.dtype = torch.bfloat16, recompu
     if cfg is None:
         raise TypeError(f"cannot estimate activations of {type(model).__name__}: it has no MFMDiT-style config "
                         "(hidden_size, depth, num_heads, num_tokens)")
-    b = torch.empty((), dtype=dtype).element_size()
+    b = dtype.itemsize
     key = 4 if b >= 4 else 2
+    wide = max(1, b // 4)  # float64 doubles everything measured in float32
     L, D, H, depth = cfg.num_tokens, cfg.hidden_size, cfg.num_heads, cfg.depth
-    block = _SAVED_PER_TOKEN_UNIT[key] * L * D
+    block = wide * _SAVED_PER_TOKEN_UNIT[key] * L * D
     if _uses_reference_attention(model):
-        block += _ATTN_PROB_BYTES[key] * H * L * L
+        block += wide * _ATTN_PROB_BYTES[key] * H * L * L
     transient = _TRANSIENT_PER_TOKEN_UNIT * L * D + (3 * 4 * H * L * L if _uses_reference_attention(model) else 0)
     io = 4 * L * D * 4  # patch embeddings, output image and their gradients
     if recompute:
