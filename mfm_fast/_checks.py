@@ -20,11 +20,19 @@ def as_time(name: str, t, batch: int, like: torch.Tensor) -> torch.Tensor:
         t = t.expand(batch)
     if t.shape != (batch,):
         raise ValueError(f"{name} must have shape ({batch},) or be a scalar, got {tuple(t.shape)}")
-    if not torch.compiler.is_compiling() and not _in_functorch(t):
+    if host_checks_allowed(t):
         bad = ~torch.isfinite(t) | (t < 0) | (t > 1)
         if bool(bad.any()):
             raise ValueError(f"{name} must lie in [0, 1]; got values such as {t[bad][0].item():.4g}")
     return t.to(like.dtype)
+
+
+def host_checks_allowed(t: torch.Tensor) -> bool:
+    """Data-dependent checks read values back to the host: skip them while compiling, inside torch.func transforms
+    and during CUDA-graph capture (where a host read is illegal); the eager call has validated the same inputs."""
+    if torch.compiler.is_compiling() or _in_functorch(t):
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _in_functorch(t: torch.Tensor) -> bool:

@@ -347,6 +347,9 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
         raise ValueError(f"renorm must be one of {RENORMS}, got {renorm!r}")
     renorm_scale = check_finite_scalar("renorm_scale", renorm_scale)
     _check_clamp(clamp_ratio)
+    if isinstance(chunk_size, str) and chunk_size == "auto":  # fixed once per run: static shapes for graphs
+        from .memory import auto_chunk_size
+        chunk_size = auto_chunk_size(model, noise.shape[0], n_particles, noise.dtype, noise.device)
     chunk_size = check_chunk_size(chunk_size)
     if search_mode not in SEARCH_MODES:
         raise ValueError(f"search_mode must be one of {SEARCH_MODES}, got {search_mode!r}")

@@ -197,8 +197,10 @@ def check_estimator(name: str, estimator) -> str:
     return estimator
 
 
-def check_chunk_size(chunk_size) -> Optional[int]:
-    return None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
+def check_chunk_size(chunk_size, allow_auto: bool = False):
+    if chunk_size is None or (allow_auto and chunk_size == "auto"):
+        return chunk_size
+    return check_positive_int("chunk_size", chunk_size)
 
 
 def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimator: str = "mfm-g", lam: float = 1.0,
@@ -221,9 +223,11 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     N = check_positive_int("n_particles", n_particles)
     lam = check_finite_scalar("lam", lam)
     check_estimator("estimator", estimator)
+    recompute = False
     if isinstance(chunk_size, str) and chunk_size == "auto":  # the rows that fit the free device memory
-        from .memory import auto_chunk_size
-        chunk_size = auto_chunk_size(model, B, N, x.dtype, x.device)
+        from .memory import plan_chunks
+        plan = plan_chunks(model, B, N, x.dtype, x.device)
+        chunk_size, recompute = plan.chunk_size, plan.recompute
     chunk_size = check_chunk_size(chunk_size)
     if noise is None:
         noise = torch.randn((B, N, *ev), generator=generator, device=x.device, dtype=x.dtype)
@@ -235,8 +239,10 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
         noise = noise.to(x.dtype)
     cost = Cost(batch=B)
     reward = reward if isinstance(reward, CheckedReward) else as_reward(reward)
-    V, g = estimate(CountedModel(model, cost), CountedReward(reward, cost), t, x, noise, estimator, lam,
-                    chunk_size, cond)
+    from .memory import recompute_activations
+    with recompute_activations(model, enabled=recompute):  # block-level recomputation when chunks would be tiny
+        V, g = estimate(CountedModel(model, cost), CountedReward(reward, cost), t, x, noise, estimator, lam,
+                        chunk_size, cond)
     if return_info:
         return ValueResult(V, g, cost)
     return V, g

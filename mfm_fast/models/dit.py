@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .._checks import as_time, check_state, n_per_group
+from .._checks import as_time, check_state, host_checks_allowed, n_per_group
 
 
 @dataclass
@@ -208,6 +208,9 @@ class MFMDiT(nn.Module):
         self.y_embedder = LabelEmbedder(cfg.num_classes + 1, D)
         self.guidance_embedder = LabelEmbedder(len(cfg.class_guidance_ws) * len(cfg.xcond_guidance_ws), D)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D), requires_grad=False)
+        # guidance-table lookup values live on the model's device: no host→device copy per call (CUDA-graph safe)
+        self.register_buffer("class_guidance_ws", torch.tensor(cfg.class_guidance_ws), persistent=False)
+        self.register_buffer("xcond_guidance_ws", torch.tensor(cfg.xcond_guidance_ws), persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(D, p, cfg.out_channels)
         self.initialize_weights()
@@ -269,8 +272,7 @@ class MFMDiT(nn.Module):
 
     # ------------------------------------------------------------------ conditioning (once per group)
     def guidance_index(self, cfg: torch.Tensor, x_cond_scale: torch.Tensor) -> torch.Tensor:
-        cw = torch.tensor(self.config.class_guidance_ws, device=cfg.device, dtype=torch.float32)
-        xw = torch.tensor(self.config.xcond_guidance_ws, device=cfg.device, dtype=torch.float32)
+        cw, xw = self.class_guidance_ws.float(), self.xcond_guidance_ws.float()
         ci = (cfg.float()[:, None] - cw).abs().argmin(-1)  # ties -> the first (smaller) entry
         xi = (x_cond_scale.float()[:, None] - xw).abs().argmin(-1)
         return ci * len(xw) + xi
@@ -313,7 +315,7 @@ class MFMDiT(nn.Module):
                 y = y.expand(G)
             if y.shape != (G,):
                 raise ValueError(f"y must have shape ({G},), got {tuple(y.shape)}")
-            if not torch.compiler.is_compiling() and bool(((y < 0) | (y > self.config.num_classes)).any()):
+            if host_checks_allowed(y) and bool(((y < 0) | (y > self.config.num_classes)).any()):
                 raise ValueError(f"y must lie in [0, {self.config.num_classes}] ({self.config.num_classes} = null class)")
             y = y.long()
         ones = torch.ones(G, device=x.device, dtype=x.dtype)
