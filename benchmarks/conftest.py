@@ -1,6 +1,5 @@
 """Benchmark fixtures: bf16 at real shapes on a GPU; fp32 at tiny shapes on the CPU (smoke run, Triton
 interpreter). `pytest benchmarks --benchmark-only` on a GPU; `--benchmark-disable` as a CPU smoke test."""
-import fnmatch
 import os
 import shutil
 
@@ -42,12 +41,3 @@ def peer_times() -> dict:
     """(case, pass, impl) -> median seconds, so later rows can report ratios against peers of the same run."""
     return {}
 
-
-def pytest_collect_file(file_path, parent):
-    """Collect bench_*.py (the suites' naming) unless the ini's python_files already does."""
-    if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
-        return None
-    patterns = parent.config.getini("python_files")
-    if any(fnmatch.fnmatch(file_path.name, p) for p in patterns):
-        return None
-    return pytest.Module.from_parent(parent, path=file_path)

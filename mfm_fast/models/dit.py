@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -328,7 +328,6 @@ class MFMDiT(nn.Module):
     def forward(self, s, u, xbar, t, x, y: Optional[torch.Tensor] = None, cfg=None, x_cond_scale=None):
         s, u, t, y, cfg, x_cond_scale = self._check_inputs(s, u, xbar, t, x, y, cfg, x_cond_scale)
         ops = self.ops
-        D = self.config.hidden_size
         c_enc, c_dec, e_t = self.conditioning(s, u, t, y, cfg, x_cond_scale)  # (G, D)
         mods = [blk.adaLN_modulation(c_enc if i < self.config.encoder_depth else c_dec).chunk(6, dim=-1)
                 for i, blk in enumerate(self.blocks)]  # 6 × (G, D) per block
