@@ -193,8 +193,10 @@ def _states(x1: torch.Tensor, draws: Draws):
 
 
 def lsd_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, generator=None,
-             adaptive_p: Optional[float] = None, **cond):
-    """Lagrangian self-distillation: ∂_u X_{s,u}(x̄) = sg(v_{u,u}(X_{s,u}(x̄))), ∂_u by one jvp in u."""
+             adaptive_p: Optional[float] = None, target_model=None, **cond):
+    """Lagrangian self-distillation: ∂_u X_{s,u}(x̄) = sg(v_{u,u}(X_{s,u}(x̄))), ∂_u by one jvp in u.
+
+    target_model: the network evaluated for the stop-gradient target (default: `model`; e.g. its EMA copy)."""
     draws, cond = _prepare(model, x1, draws, generator, cond)
     tm, x, xbar = _states(x1, draws)
     s, u, t = tm.s, tm.u, tm.t
@@ -204,7 +206,7 @@ def lsd_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, generator=N
 
     X, dX_du = jvp(flow, (u,), (torch.ones_like(u),))
     with torch.no_grad():
-        target = model(u, u, X.detach(), t, x, **cond)
+        target = (target_model or model)(u, u, X.detach(), t, x, **cond)
     loss, mse = weighted_mse(dX_du - target, adaptive_p)
     return loss, {"cons": mse}
 
@@ -237,16 +239,18 @@ def esd_teacher_loss(model, teacher_drift: Callable, x1: torch.Tensor, draws: Op
 
 
 def semigroup_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, generator=None,
-                   adaptive_p: Optional[float] = None, **cond):
+                   adaptive_p: Optional[float] = None, target_model=None, **cond):
     """Progressive self-distillation: v_{s,u}(x̄) = sg(γ·v_{s,w}(x̄) + (1−γ)·v_{w,u}(X_{s,w}(x̄))), w = s + γ(u−s)
-    (γ drawn by `draw(..., gamma=None)` ~ U[0, 1]; γ = ½ is the shortcut model)."""
+    (γ drawn by `draw(..., gamma=None)` ~ U[0, 1]; γ = ½ is the shortcut model). target_model: the network of
+    the stop-gradient target (default: `model`)."""
     draws, cond = _prepare(model, x1, draws, generator, cond)
     tm, x, xbar = _states(x1, draws)
     s, u, t, g, w = tm.s, tm.u, tm.t, tm.gamma, tm.w
     with torch.no_grad():
-        v1 = model(s, w, xbar, t, x, **cond)
+        teacher = target_model or model
+        v1 = teacher(s, w, xbar, t, x, **cond)
         mid = xbar + bcast(w - s, xbar) * v1
-        v2 = model(w, u, mid, t, x, **cond)
+        v2 = teacher(w, u, mid, t, x, **cond)
         target = bcast(g, xbar) * v1 + bcast(1 - g, xbar) * v2
     v = model(s, u, xbar, t, x, **cond)
     loss, mse = weighted_mse(v - target, adaptive_p)
@@ -258,7 +262,8 @@ def mfm_loss(model, x1: torch.Tensor, consistency: str = "meanflow", teacher_dri
              diagonal: str = "data", consistency_fraction: float = 0.25, n_consistency: Optional[int] = None,
              consistency_weight: float = 1.0, adaptive: bool = True, diag_p: float = 0.5, cons_p: float = 1.0,
              t_zero_prob: float = 0.1, gamma: Optional[float] = None, p_uncond: float = 0.1,
-             draws: Optional[Draws] = None, generator: Optional[torch.Generator] = None, **cond):
+             target_model=None, draws: Optional[Draws] = None, generator: Optional[torch.Generator] = None,
+             **cond):
     """L_MFM = L_diag + consistency_weight·L_cons (METHOD §2).
 
     The first B − n_c rows of the batch train the diagonal, the last n_c = round(consistency_fraction·B) rows
@@ -269,6 +274,7 @@ def mfm_loss(model, x1: torch.Tensor, consistency: str = "meanflow", teacher_dri
     `teacher_drift`), "semigroup" (γ ~ U[0,1], or `gamma=0.5` for the shortcut), "none".
     diagonal: "data" (coupled interpolants) or "distill" (GLASS target of `teacher_drift`).
     teacher_drift(t, x, **cond) -> b_t(x). adaptive: weights with p = diag_p / cons_p (else plain MSE).
+    target_model: network of the bootstrapped targets of "lsd" / "semigroup" (default: `model`).
     `draws` fixes all randomness (see `draw`); otherwise it is drawn from `generator`.
     """
     check_state("x1", x1)
@@ -314,11 +320,11 @@ def mfm_loss(model, x1: torch.Tensor, consistency: str = "meanflow", teacher_dri
         if consistency == "meanflow":
             loss_c, lc = meanflow_loss(model, x1[sl], draws[sl], **args)
         elif consistency == "lsd":
-            loss_c, lc = lsd_loss(model, x1[sl], draws[sl], **args)
+            loss_c, lc = lsd_loss(model, x1[sl], draws[sl], target_model=target_model, **args)
         elif consistency == "esd":
             loss_c, lc = esd_teacher_loss(model, teacher_drift, x1[sl], draws[sl], **args)
         else:
-            loss_c, lc = semigroup_loss(model, x1[sl], draws[sl], **args)
+            loss_c, lc = semigroup_loss(model, x1[sl], draws[sl], target_model=target_model, **args)
         total = total + consistency_weight * loss_c
         logs.update(lc)
     logs["loss"] = total.detach()

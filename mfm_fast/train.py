@@ -1,6 +1,7 @@
 """Training loop for Meta Flow Maps (vector and image data), EMA, checkpoint save/load/resume, torchrun.
 
     python -m mfm_fast train --data gmm --out gmm.pt             # MFMMLP on the paper's 2-D GMM (METHOD §6)
+    python -m mfm_fast train --data gmm --teacher exact --out gmm.pt   # ... distilled from the exact drift
     python -m mfm_fast train --data digits --out digits.pt       # "MFM-Digits" DiT on sklearn's 8×8 digits
     torchrun --nproc_per_node=K -m mfm_fast.train --data digits --out digits.pt
 
@@ -66,13 +67,15 @@ class TrainConfig:
     device: str = "auto"
     grad_checkpointing: bool = False
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated weights, averaged grads) or "fsdp" (FSDP2)
+    ema_targets: bool = False  # bootstrapped targets ("lsd", "semigroup") from the EMA network
 
     def __post_init__(self):
         for name in ("steps", "batch", "log_every"):
             check_positive_int(name, getattr(self, name))
         for name in ("warmup", "checkpoint_every"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "consistency_weight", "diag_p", "cons_p"):
             check_finite_scalar(name, getattr(self, name))
         if self.lr <= 0:
@@ -356,7 +359,8 @@ class _Trainer:
             loss, logs = mfm_loss(self.model, x1, cfg.consistency, self.teacher_drift, diagonal=cfg.diagonal,
                                   n_consistency=self.parts[1] // self.dist.world_size,
                                   consistency_weight=cfg.consistency_weight, adaptive=cfg.adaptive,
-                                  diag_p=cfg.diag_p, cons_p=cfg.cons_p, draws=draws, **cond)
+                                  diag_p=cfg.diag_p, cons_p=cfg.cons_p, draws=draws,
+                                  target_model=self.ema if cfg.ema_targets else None, **cond)
         loss.backward()
         if not self.fsdp:
             D.all_reduce_grads(self.params)
@@ -410,21 +414,25 @@ def train(model: nn.Module, sample_batch: Callable, cfg: Optional[TrainConfig] =
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=min(trainer.step, cfg.steps), desc="train", dynamic_ncols=True)
     pending = []
+
+    def flush():  # one host sync per logging interval
+        for step, lg in pending:
+            trainer.history.append({"step": step, **{k: float(v) for k, v in lg.items()}})
+        pending.clear()
+        if bar is not None and trainer.history:
+            h = trainer.history[-1]
+            bar.set_postfix(loss=f"{h['loss']:.4f}", diag=f"{h.get('diag', 0):.4f}",
+                            cons=f"{h.get('cons', 0):.4f}", refresh=False)
+
     while trainer.step < cfg.steps:
-        logs = trainer.train_step()
-        pending.append((trainer.step, logs))
+        pending.append((trainer.step + 1, trainer.train_step()))
         last = trainer.step == cfg.steps
-        if len(pending) >= cfg.log_every or last or callback is not None:
-            for step, lg in pending:  # one host sync per logging interval
-                trainer.history.append({"step": step, **{k: float(v) for k, v in lg.items()}})
-            pending = []
-            if bar is not None:
-                h = trainer.history[-1]
-                bar.set_postfix(loss=f"{h['loss']:.4f}", diag=f"{h.get('diag', 0):.4f}",
-                                cons=f"{h.get('cons', 0):.4f}", refresh=False)
+        save_now = out is not None and (last or (cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0))
+        if len(pending) >= cfg.log_every or save_now or callback is not None:
+            flush()
         if bar is not None:
             bar.update(1)
-        if out is not None and (last or (cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0)):
+        if save_now:
             trainer.save(out)
         if callback is not None:
             callback(trainer.step, trainer.history[-1])
@@ -434,10 +442,16 @@ def train(model: nn.Module, sample_batch: Callable, cfg: Optional[TrainConfig] =
 
 
 # ---------------------------------------------------------------------------------------------- presets
-def gmm_defaults() -> tuple:
-    """(MFMMLP kwargs, TrainConfig) for the paper's 2-D GMM: a good one-step posterior sampler in a few CPU
-    minutes."""
-    return dict(dim=2, hidden=128, depth=3), TrainConfig(steps=1500, batch=256, lr=2e-3)
+def gmm_defaults(teacher: bool = False) -> tuple:
+    """(MFMMLP kwargs, TrainConfig) for the paper's 2-D GMM: a one-step posterior sampler in a few CPU minutes.
+
+    From data (MeanFlow consistency) by default; teacher=True distils the mixture's exact drift (GLASS diagonal
+    target + ESD consistency, zero-variance targets), pass `teacher_drift=gmm.drift` to `train`. Two Fourier
+    frequencies for the times: the jvp-based targets contain ∂_s v, which high time frequencies make noisy."""
+    cfg = TrainConfig(steps=8000, batch=512, lr=2e-3, consistency_fraction=0.5)
+    if teacher:
+        cfg = dataclasses.replace(cfg, consistency="esd", diagonal="distill", consistency_fraction=0.25)
+    return dict(dim=2, hidden=128, depth=3, n_freq=2), cfg
 
 
 def digits_defaults() -> tuple:
@@ -498,6 +512,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--parallel", choices=D.PARALLEL, default="ddp", help="under torchrun: ddp or fsdp (FSDP2)")
+    p.add_argument("--teacher", choices=("none", "exact"), default="none",
+                   help="gmm: 'exact' distils the mixture's exact drift (GLASS diagonal target + ESD consistency)")
     p.add_argument("--hidden", type=int, help="gmm: MLP width")
     p.add_argument("--depth", type=int, help="gmm: MLP depth")
     p.add_argument("--config", default=None, help="digits: DiT config name (default MFM-Digits)")
@@ -519,14 +535,17 @@ def main(argv=None) -> int:
 
 def _run(args, dinfo: D.DistInfo) -> int:
     from .models import MFMDiT, MFMMLP
+    teacher = None
     if args.data == "gmm":
         from .data import paper_gmm
-        model_kw, cfg = gmm_defaults()
+        model_kw, cfg = gmm_defaults(teacher=args.teacher == "exact")
         model_kw.update({k: v for k, v in (("hidden", args.hidden), ("depth", args.depth)) if v is not None})
         gmm = paper_gmm()
         torch.manual_seed(args.seed if args.seed is not None else cfg.seed)  # the initial weights
         model = MFMMLP(**model_kw)
         sample_batch = gmm.sample
+        if args.teacher == "exact":
+            teacher = gmm.to(device=resolve_device(args.device)).drift
     else:
         from .data import load_digits
         name, cfg = digits_defaults()
@@ -540,8 +559,8 @@ def _run(args, dinfo: D.DistInfo) -> int:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None}, device=args.device,
                               bf16=not args.no_bf16, grad_checkpointing=args.grad_checkpointing,
                               parallel=args.parallel)
-    result = train(model, sample_batch, cfg, out=args.out, resume=not args.no_resume,
-                   progress=not args.quiet)
+    result = train(model, sample_batch, cfg, out=args.out, resume=not args.no_resume, progress=not args.quiet,
+                   teacher_drift=teacher)
     if dinfo.is_main:
         last = result.history[-1] if result.history else {}
         print(f"trained {result.step} steps -> {args.out}" + (f" (loss {last['loss']:.4f})" if last else ""))

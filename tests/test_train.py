@@ -12,10 +12,28 @@ from mfm_fast.metrics import sliced_w2
 from mfm_fast.models import MFMDiT, MFMMLP
 from mfm_fast.sampling import posterior_sample
 
-# CI budget: the GMM run below is the slow test (about 20 s on 2 cores).
-GMM_TEST = dict(steps=1500, batch=256)
-# Stated tolerance: mean over contexts of SW2(model, exact) ≤ FACTOR × SW2(exact, exact') + ABS.
-FACTOR, ABS = 4.0, 0.05
+# The shipped GMM defaults at a CI budget (2500 of the 8000 steps; the slow test of this file).
+GMM_TEST = dict(steps=2500, batch=512)
+# Stated tolerance: mean over contexts of SW2(model, exact) ≤ FACTOR × SW2(exact, exact') + ABS. The floor is
+# ≈ 0.10 / 0.04 / 0.013 at t = 0.2 / 0.5 / 0.8 (2048 samples); an untrained network is at 1.3–1.9.
+FACTOR, ABS = 8.0, 0.1
+
+
+def _posterior_report(model, gmm, n_ctx=6, n=2048, seed=11):
+    """{t: (mean SW2(model, exact), mean SW2(exact, exact'))} over contexts x ~ p_t."""
+    gen = torch.Generator().manual_seed(seed)
+    report = {}
+    for t in (0.2, 0.5, 0.8):
+        x1 = gmm.sample(n_ctx, gen)
+        x = t * x1 + (1 - t) * torch.randn(x1.shape, generator=gen, dtype=x1.dtype)
+        with torch.no_grad():
+            got = posterior_sample(model, t, x.float(), n, generator=gen).double()
+        ref_a = gmm.posterior_sample(t, x, n, gen)
+        ref_b = gmm.posterior_sample(t, x, n, gen)
+        sw = sum(float(sliced_w2(got[i], ref_a[i], generator=gen)) for i in range(n_ctx)) / n_ctx
+        floor = sum(float(sliced_w2(ref_b[i], ref_a[i], generator=gen)) for i in range(n_ctx)) / n_ctx
+        report[t] = (sw, floor)
+    return report
 
 
 def test_gmm_one_step_posterior_close_to_exact():
@@ -23,33 +41,19 @@ def test_gmm_one_step_posterior_close_to_exact():
     model_kw, cfg = T.gmm_defaults()
     cfg = dataclasses.replace(cfg, **GMM_TEST, log_every=500)
     torch.manual_seed(0)
+    untrained = MFMMLP(**model_kw)
     result = T.train(MFMMLP(**model_kw), gmm.sample, cfg, progress=False)
-    ema = result.ema
-    gen = torch.Generator().manual_seed(11)
-    n_ctx, n = 6, 2048
-    report = {}
-    for t in (0.2, 0.5, 0.8):
-        x1 = gmm.sample(n_ctx, gen)
-        x = t * x1 + (1 - t) * torch.randn(x1.shape, generator=gen, dtype=x1.dtype)
-        with torch.no_grad():
-            got = posterior_sample(ema, t, x.float(), n, generator=gen).double()
-        ref_a = gmm.posterior_sample(t, x, n, gen)
-        ref_b = gmm.posterior_sample(t, x, n, gen)
-        sw = sum(float(sliced_w2(got[i], ref_a[i], generator=gen)) for i in range(n_ctx)) / n_ctx
-        floor = sum(float(sliced_w2(ref_b[i], ref_a[i], generator=gen)) for i in range(n_ctx)) / n_ctx
-        report[t] = (sw, floor)
+    report = _posterior_report(result.ema, gmm)
     print("GMM one-step posterior sliced-W2 (model, floor):", report)
     for t, (sw, floor) in report.items():
         assert sw <= FACTOR * floor + ABS, (t, sw, floor)
-    # the untrained network is far off: the test can fail
-    with torch.no_grad():
-        x = torch.zeros(1, 2, dtype=torch.float64)
-        raw = posterior_sample(MFMMLP(**model_kw), 0.5, x.float(), n, generator=gen)[0].double()
-    assert float(sliced_w2(raw, gmm.posterior_sample(0.5, x, n, gen)[0], generator=gen)) > FACTOR * 0.05 + ABS
+    # the bound is tight enough to reject an untrained network: the test can fail
+    for t, (sw, floor) in _posterior_report(untrained, gmm).items():
+        assert sw > FACTOR * floor + ABS, (t, sw, floor)
 
 
 def _tiny_cfg(**kw):
-    base = dict(steps=12, batch=32, lr=1e-3, log_every=1, checkpoint_every=4, ema_decay=0.9, seed=3)
+    base = dict(steps=12, batch=32, lr=1e-3, log_every=5, checkpoint_every=4, ema_decay=0.9, seed=3)
     return T.TrainConfig(**{**base, **kw})
 
 
@@ -85,7 +89,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert _same_state(resumed.model, full.model) and _same_state(resumed.ema, full.ema)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["step"] == 12 and len(ckpt["history"]) == 12
+    assert ckpt["step"] == 12 and [h["step"] for h in ckpt["history"]] == list(range(1, 13))
     # a finished run resumes to a no-op; a different seed is refused
     again = T.train(MFMMLP(2, 16, 2), _sampler, cfg, out=path, progress=False)
     assert _same_state(again.model, full.model)
@@ -179,11 +183,12 @@ def test_train_config_validation():
 
 def test_cli_gmm_and_digits(tmp_path, capsys):
     out = str(tmp_path / "gmm.pt")
-    assert T.main(["--data", "gmm", "--out", out, "--steps", "30", "--batch", "64", "--quiet"]) == 0
-    text = capsys.readouterr().out
-    assert "t=0.5" in text and "ratio" in text
+    assert T.main(["--data", "gmm", "--out", out, "--steps", "30", "--batch", "64", "--quiet", "--no-eval"]) == 0
+    assert "trained 30 steps" in capsys.readouterr().out
     model = T.load(out)
-    assert isinstance(model, MFMMLP) and model.config_dict()["hidden"] == T.gmm_defaults()[0]["hidden"]
+    assert isinstance(model, MFMMLP) and model.config_dict() == {**T.gmm_defaults()[0]}
+    report = T.gmm_posterior_sw2(model, paper_gmm(), n_contexts=2, n=256)
+    assert sorted(report) == [0.2, 0.5, 0.8] and all(sw > 0 and floor > 0 for sw, floor in report.values())
     out = str(tmp_path / "digits.pt")
     assert T.main(["--data", "digits", "--out", out, "--steps", "2", "--batch", "8", "--quiet",
                    "--impl", "torch"]) == 0
