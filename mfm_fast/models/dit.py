@@ -155,6 +155,19 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
 
+def _nearest(w: torch.Tensor, table: tuple) -> torch.Tensor:
+    """Index of the table entry nearest to each w, ties to the first. The table values enter as Python scalars, so
+    there is no host→device copy per call (CUDA-graph safe)."""
+    w = w.float()
+    best = torch.zeros(w.shape, dtype=torch.long, device=w.device)
+    best_d = (w - table[0]).abs()
+    for i, value in enumerate(table[1:], 1):
+        d = (w - value).abs()
+        best = torch.where(d < best_d, i, best)
+        best_d = torch.minimum(d, best_d)
+    return best
+
+
 @dataclass
 class _Ops:
     time_embed: object
@@ -208,9 +221,6 @@ class MFMDiT(nn.Module):
         self.y_embedder = LabelEmbedder(cfg.num_classes + 1, D)
         self.guidance_embedder = LabelEmbedder(len(cfg.class_guidance_ws) * len(cfg.xcond_guidance_ws), D)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D), requires_grad=False)
-        # guidance-table lookup values live on the model's device: no host→device copy per call (CUDA-graph safe)
-        self.register_buffer("class_guidance_ws", torch.tensor(cfg.class_guidance_ws), persistent=False)
-        self.register_buffer("xcond_guidance_ws", torch.tensor(cfg.xcond_guidance_ws), persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(D, p, cfg.out_channels)
         self.initialize_weights()
@@ -272,10 +282,9 @@ class MFMDiT(nn.Module):
 
     # ------------------------------------------------------------------ conditioning (once per group)
     def guidance_index(self, cfg: torch.Tensor, x_cond_scale: torch.Tensor) -> torch.Tensor:
-        cw, xw = self.class_guidance_ws.float(), self.xcond_guidance_ws.float()
-        ci = (cfg.float()[:, None] - cw).abs().argmin(-1)  # ties -> the first (smaller) entry
-        xi = (x_cond_scale.float()[:, None] - xw).abs().argmin(-1)
-        return ci * len(xw) + xi
+        ci = _nearest(cfg, self.config.class_guidance_ws)
+        xi = _nearest(x_cond_scale, self.config.xcond_guidance_ws)
+        return ci * len(self.config.xcond_guidance_ws) + xi
 
     def conditioning(self, s, u, t, y, cfg, x_cond_scale):
         """-> (c_enc, c_dec, e_t): (G, D) each."""
