@@ -74,9 +74,10 @@ def ft_target(base: nn.Module, reward: Callable, t: torch.Tensor, x_t: torch.Ten
     """The MFM-FT target at states x_t (B, *event), times t (B,) in (0, 1), current drift b_theta (detached)."""
     check_state("x_t", x_t)
     check_state("b_theta", b_theta, x_t.shape[1:], batch=x_t.shape[0])
+    half_sigma2(torch.ones(1), schedule, sigma_const)  # validates the schedule before any model call
     t = as_time("t", t, x_t.shape[0], x_t)
     if bool(((t <= 0) | (t >= 1)).any()):
-        raise ValueError("t must lie strictly inside (0, 1): σ_t² = 2(1−t)/t and the posterior degenerate at the ends")
+        raise ValueError("t must lie strictly inside (0, 1): σ_t² = 2(1−t)/t and the posterior degenerates at the ends")
     lam = check_finite_scalar("lam", lam)
     with torch.no_grad():
         b_base = drift(base, t, x_t, **cond)
@@ -90,6 +91,8 @@ def ft_target(base: nn.Module, reward: Callable, t: torch.Tensor, x_t: torch.Ten
         if not bool(torch.isfinite(r).all()):
             raise ValueError("reward returned NaN or infinite values")
         h = torch.exp(lam * r)
+        if not h.requires_grad:
+            raise ValueError("the reward is not differentiable in its input: MFM-FT needs ∇_{x_t} exp(λ·r(x̂1))")
         (g,) = torch.autograd.grad(h.sum(), xg)
     h = h.detach()
     b_theta = b_theta.detach()

@@ -7,8 +7,16 @@ import torch
 import torch.nn as nn
 
 from mfm_fast.data import ExactGaussianMFM
-from mfm_fast.finetune import FineTunedDrift, FinetuneConfig, finetune, ft_loss, ft_target, half_sigma2, \
-    load_finetuned, save_finetuned
+from mfm_fast.finetune import (
+    FinetuneConfig,
+    FineTunedDrift,
+    finetune,
+    ft_loss,
+    ft_target,
+    half_sigma2,
+    load_finetuned,
+    save_finetuned,
+)
 from mfm_fast.models.mlp import fourier_features
 from mfm_fast.rewards import LinearInverseReward
 from mfm_fast.sampling import ode_sample
@@ -167,6 +175,8 @@ def test_bad_inputs(setup):
         ft_target(base, reward, torch.zeros(8), x1, x1)
     with pytest.raises(ValueError, match="NaN"):
         ft_loss(base, base, lambda x: torch.full((x.shape[0],), float("nan")), x1)
+    with pytest.raises(ValueError, match="not differentiable"):
+        ft_loss(base, base, lambda x: x.detach().sum(1), x1)
     with pytest.raises(ValueError, match="steps"):
         FinetuneConfig(steps=0)
     with pytest.raises(ValueError, match="no parameters"):

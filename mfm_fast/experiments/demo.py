@@ -12,11 +12,20 @@ import time
 
 import torch
 
-from .common import gmm_mfm, out_dir, paper_problem, resolve_device, run_method, scatter_panels, write_table, \
-    MethodSpec, score_rows
+from .common import (
+    MethodSpec,
+    gmm_mfm,
+    out_dir,
+    paper_problem,
+    resolve_device,
+    run_method,
+    scatter_panels,
+    score_rows,
+    write_table,
+)
 
-COLUMNS = ["method", "N", "sliced-W2", "MMD²", "mean reward", "fwd evals/sample", "bwd evals/sample", "paper NFE",
-           "wall s"]
+COLUMNS = ["method", "N", "sliced-W2", "MMD²", "mean reward", "far %", "fwd evals/sample", "bwd evals/sample",
+           "paper NFE", "wall s"]
 
 
 def demo_methods(n: int) -> list:
@@ -40,6 +49,10 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=None, help="samples per method (default 1024; quick: 256)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 100; quick: 20)")
     p.add_argument("--particles", type=int, default=None, help="N: particles / candidates (default 8)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="GMM MFM training steps (default: train.gmm_defaults())")
+    p.add_argument("--train-batch", type=int, default=None,
+                   help="GMM MFM training batch (default: train.gmm_defaults())")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -47,12 +60,13 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     out = out_dir(args.out)
     quick = args.quick
-    n_samples = args.samples or (256 if quick else 1024)
-    steps = args.steps or (20 if quick else 100)
+    n_samples = args.samples or (128 if quick else 1024)
+    steps = args.steps or (50 if quick else 100)
     n = args.particles or (4 if quick else 8)
     print(f"mfm_fast demo on {device}: {n_samples} samples per method, K = {steps} Euler steps, N = {n}", flush=True)
 
-    model, info = gmm_mfm(device, quick=quick, retrain=args.retrain)
+    model, info = gmm_mfm(device, quick=quick, retrain=args.retrain, steps=args.train_steps,
+                          batch=args.train_batch)
     print(info, flush=True)
     prob = paper_problem(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -62,13 +76,13 @@ def main(argv=None) -> int:
     rows, panels = [], [("exact tilted target", target)]
     for spec in demo_methods(n):
         res, wall = run_method(model, prob.reward, noise, spec, steps, prob.lam, gen)
-        rows.append(score_rows(spec, res, wall, target, gen))
+        rows.append(score_rows(spec, res, wall, target))
         panels.append((spec.label if spec.n == 1 else f"{spec.label} (N={spec.n})", res.samples))
         if spec.method == "none":
             panels.insert(0, panels.pop())  # base samples first
     reference = prob.tilted.sample(n_samples, generator=gen)
     rows.append(score_rows(MethodSpec("exact target (2nd draw: noise floor)", "exact"), None, float("nan"),
-                           target, gen, samples=reference, reward=prob.reward))
+                           target, samples=reference, reward=prob.reward))
     write_table(rows, out, "demo", f"2-D GMM, linear inverse reward (λ = {prob.lam}): distance to the exact tilted "
                 f"target ({n_samples} samples, K = {steps})", COLUMNS)
     scatter_panels(panels, out / "demo.png", lim=(-6, 6))

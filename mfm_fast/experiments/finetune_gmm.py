@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ..finetune import FinetuneConfig, SCHEDULES, finetune
+from ..finetune import SCHEDULES, FinetuneConfig, finetune
 from ..sampling import ode_sample
 from .common import distances, gmm_mfm, out_dir, paper_problem, pyplot, resolve_device, write_table
 
@@ -32,6 +32,10 @@ def main(argv=None) -> int:
     p.add_argument("--sigma-const", type=float, default=100.0, help="σ²/2 of the constant schedule")
     p.add_argument("--samples", type=int, default=None, help="evaluation samples (default 2048; quick 256)")
     p.add_argument("--ode-steps", type=int, default=None, help="Euler steps for sampling (default 100; quick 20)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="GMM MFM training steps (default: train.gmm_defaults())")
+    p.add_argument("--train-batch", type=int, default=None,
+                   help="GMM MFM training batch (default: train.gmm_defaults())")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -45,19 +49,20 @@ def main(argv=None) -> int:
     ode_steps = args.ode_steps or (20 if quick else 100)
     schedules = args.schedules.split(",")
 
-    model, info = gmm_mfm(device, quick=quick, retrain=args.retrain)
+    model, info = gmm_mfm(device, quick=quick, retrain=args.retrain, steps=args.train_steps,
+                          batch=args.train_batch)
     print(info, flush=True)
     prob = paper_problem(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     target = prob.tilted.sample(n, generator=gen)
     noise = torch.randn(n, 2, generator=gen, device=device)
-    floor = distances(prob.tilted.sample(n, generator=gen), target, gen)
+    floor = distances(prob.tilted.sample(n, generator=gen), target)
 
     rows, finals = [], {}
     for schedule in schedules:
         def evaluate(step, drift_model, schedule=schedule):
             x = ode_sample(drift_model, noise, steps=ode_steps, t_start=0.0)
-            d = distances(x, target, gen)
+            d = distances(x, target)
             rows.append({"schedule": schedule, "step": step, **d,
                          "mean reward": float(prob.reward(x).mean())})
             finals[schedule] = x

@@ -14,11 +14,20 @@ import time
 
 import torch
 
-from .common import MethodSpec, gmm_mfm, out_dir, paper_problem, pyplot, resolve_device, run_method, score_rows, \
-    write_table
+from .common import (
+    MethodSpec,
+    gmm_mfm,
+    out_dir,
+    paper_problem,
+    pyplot,
+    resolve_device,
+    run_method,
+    score_rows,
+    write_table,
+)
 
-COLUMNS = ["method", "N", "sliced-W2", "MMD²", "mean reward", "fwd evals/sample", "bwd evals/sample", "paper NFE",
-           "wall s"]
+COLUMNS = ["method", "N", "sliced-W2", "MMD²", "mean reward", "far %", "fwd evals/sample", "bwd evals/sample",
+           "paper NFE", "wall s"]
 
 
 def steering_methods(ns, smc_reference: int) -> list:
@@ -44,7 +53,7 @@ def grad_accuracy(model, prob, ts, ns, n_states: int, generator, chunk_size=None
         tt = torch.full((n_states,), t, device=x.device, dtype=x.dtype)
         exact = prob.gmm.value_grad(tt, x, prob.reward.A, prob.reward.y, prob.reward.sigma, prob.lam)
 
-        def score(g):
+        def score(g, exact=exact):
             a, b = g.flatten().double(), exact.flatten().double()
             corr = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
             return corr, ((a - b).norm() / b.norm()).item()
@@ -101,12 +110,16 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny budget (tests)")
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--samples", type=int, default=None, help="samples per method (default 1024; quick 128)")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 50; quick 10)")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 100; quick 50)")
     p.add_argument("--ns", default=None, help="comma-separated N values (default 1,4,16,64; quick 1,4)")
     p.add_argument("--smc-reference", type=int, default=4096, help="population of the reference SMC run")
     p.add_argument("--ts", default="0.1,0.3,0.5,0.7,0.9", help="times for the ∇V accuracy study")
     p.add_argument("--grad-states", type=int, default=None, help="states per t for ∇V accuracy (default 512)")
     p.add_argument("--chunk-size", type=int, default=None, help="rows per network call (memory bound)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="GMM MFM training steps (default: train.gmm_defaults())")
+    p.add_argument("--train-batch", type=int, default=None,
+                   help="GMM MFM training batch (default: train.gmm_defaults())")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -115,13 +128,14 @@ def main(argv=None) -> int:
     out = out_dir(args.out)
     quick = args.quick
     n_samples = args.samples or (128 if quick else 1024)
-    steps = args.steps or (10 if quick else 50)
+    steps = args.steps or (50 if quick else 100)
     ns = [int(v) for v in (args.ns or ("1,4" if quick else "1,4,16,64")).split(",")]
     ts = [float(v) for v in args.ts.split(",")]
     smc_ref = 256 if quick and args.smc_reference == 4096 else args.smc_reference
     n_states = args.grad_states or (64 if quick else 512)
 
-    model, info = gmm_mfm(device, quick=quick, retrain=args.retrain)
+    model, info = gmm_mfm(device, quick=quick, retrain=args.retrain, steps=args.train_steps,
+                          batch=args.train_batch)
     print(info, flush=True)
     prob = paper_problem(device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -135,10 +149,10 @@ def main(argv=None) -> int:
         kw = {"chunk_size": args.chunk_size} if spec.method in ("mfm-g", "mfm-gf", "smc") else {}
         spec.kwargs.update(kw)
         res, wall = run_method(model, prob.reward, noise, spec, steps, prob.lam, gen)
-        rows.append(score_rows(spec, res, wall, target, gen))
+        rows.append(score_rows(spec, res, wall, target))
         print(f"  {spec.label} N={spec.n}: sliced-W2 {rows[-1]['sliced-W2']:.4f}, {wall:.1f} s", flush=True)
     rows.append(score_rows(MethodSpec("exact target (2nd draw: noise floor)", "exact"), None, float("nan"), target,
-                           gen, samples=prob.tilted.sample(n_samples, generator=gen), reward=prob.reward))
+                           samples=prob.tilted.sample(n_samples, generator=gen), reward=prob.reward))
     write_table(rows, out, "gmm_steering", f"2-D GMM: distance to the exact tilted target ({n_samples} samples, "
                 f"K = {steps}, λ = {prob.lam})", COLUMNS)
 
