@@ -1,6 +1,7 @@
 """Shared plumbing for the experiments: devices, output folders, tables (markdown + CSV), timing, figures."""
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import os
@@ -12,6 +13,21 @@ from typing import Optional, Sequence
 
 import torch
 
+
+
+def experiment_parser(prog: str, description: str, out: str, quick_help: str = "tiny budget (tests)",
+                      retrain_help: str = "train the cached models again",
+                      train_help: str = "GMM MFM training") -> argparse.ArgumentParser:
+    """The options every experiment shares: output folder, device, budget, cache, training budget, seed."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--out", default=out, help="output folder (table + figure)")
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--retrain", action="store_true", help=retrain_help)
+    p.add_argument("--train-steps", type=int, default=None, help=f"{train_help} steps (default: shipped defaults)")
+    p.add_argument("--train-batch", type=int, default=None, help=f"{train_help} batch (default: shipped defaults)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":

@@ -7,12 +7,12 @@ demo.md / demo.csv and demo.png (base samples, exact target, steered samples) in
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 from .common import (
+    experiment_parser,
     MethodSpec,
     gmm_mfm,
     out_dir,
@@ -41,19 +41,12 @@ def demo_methods(n: int) -> list:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mfm_fast demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="outputs/demo", help="folder for demo.md, demo.csv, demo.png")
-    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--quick", action="store_true", help="tiny budget (tests): seconds instead of minutes")
-    p.add_argument("--retrain", action="store_true", help="train the GMM MFM again even if a cached one exists")
+    p = experiment_parser("python -m mfm_fast demo", __doc__.splitlines()[0], "outputs/demo",
+                          quick_help="tiny budget (tests): seconds instead of minutes", retrain_help="train the GMM MFM again even if a cached one exists",
+                          train_help="GMM MFM training")
     p.add_argument("--samples", type=int, default=None, help="samples per method (default 1024; quick: 256)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 100; quick: 20)")
     p.add_argument("--particles", type=int, default=None, help="N: particles / candidates (default 8)")
-    p.add_argument("--train-steps", type=int, default=None,
-                   help="GMM MFM training steps (default: train.gmm_defaults())")
-    p.add_argument("--train-batch", type=int, default=None,
-                   help="GMM MFM training batch (default: train.gmm_defaults())")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     t_begin = time.perf_counter()

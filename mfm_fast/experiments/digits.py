@@ -13,7 +13,6 @@ Writes digits.{md,csv}, digits_cost.{md,csv} and digits.png into --out.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -24,7 +23,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .common import MethodSpec, cache_dir, out_dir, pyplot, resolve_device, run_method, timer, write_table
+from .common import (cache_dir, experiment_parser, MethodSpec, out_dir, pyplot,
+                     resolve_device, run_method, timer, write_table)
 
 WEIGHTS = (0, 1, 0, 1, 0, 2, 0, 2, 0, 4)
 
@@ -119,21 +119,14 @@ def main(argv=None) -> int:
     from ..rewards import ClassifierReward
     from ..steer import paper_nfe, steer
 
-    p = argparse.ArgumentParser(prog="python -m mfm_fast experiment digits", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="outputs/digits")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quick", action="store_true", help="tiny budget (tests): meaningless numbers, all code paths")
-    p.add_argument("--retrain", action="store_true", help="retrain the MFM and the classifier")
-    p.add_argument("--train-steps", type=int, default=None,
-                   help="MFM training steps (default: digits_defaults() on a GPU, 2000 on a CPU; quick 10)")
-    p.add_argument("--train-batch", type=int, default=None,
-                   help="MFM training batch (default: digits_defaults())")
+    p = experiment_parser("python -m mfm_fast experiment digits", __doc__.splitlines()[0], "outputs/digits",
+                          quick_help="tiny budget (tests): meaningless numbers, all code paths", retrain_help="retrain the MFM and the classifier",
+                          train_help="MFM training (CPU default 2000 steps)")
     p.add_argument("--samples", type=int, default=None, help="outputs per method (default 256; quick 16)")
     p.add_argument("--pool", type=int, default=None, help="base samples for Best-of-N (default 2048; quick 64)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 25; quick 4)")
     p.add_argument("--lams", default="1,4,16", help="λ values for single-particle MFM-G / MFM-GF")
     p.add_argument("--bon", default="1,2,4,8,16,32,64,128,256,512,1000", help="Best-of-N values")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     t_begin = time.perf_counter()

@@ -7,23 +7,20 @@ finetune_gmm.png into --out.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 from ..finetune import SCHEDULES, FinetuneConfig, finetune
 from ..sampling import ode_sample
-from .common import distances, gmm_mfm, out_dir, paper_problem, pyplot, resolve_device, write_table
+from .common import (distances, experiment_parser, gmm_mfm, out_dir, paper_problem,
+                     pyplot, resolve_device, write_table)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mfm_fast experiment finetune-gmm",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="outputs/finetune_gmm")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quick", action="store_true", help="tiny budget (tests)")
-    p.add_argument("--retrain", action="store_true", help="retrain the base GMM MFM")
+    p = experiment_parser("python -m mfm_fast experiment finetune-gmm", __doc__.splitlines()[0], "outputs/finetune_gmm",
+                          quick_help="tiny budget (tests)", retrain_help="retrain the base GMM MFM",
+                          train_help="GMM MFM training")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 1500; quick 40)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluation interval (default 250; quick 20)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -32,11 +29,6 @@ def main(argv=None) -> int:
     p.add_argument("--sigma-const", type=float, default=100.0, help="σ²/2 of the constant schedule")
     p.add_argument("--samples", type=int, default=None, help="evaluation samples (default 2048; quick 256)")
     p.add_argument("--ode-steps", type=int, default=None, help="Euler steps for sampling (default 100; quick 20)")
-    p.add_argument("--train-steps", type=int, default=None,
-                   help="GMM MFM training steps (default: train.gmm_defaults())")
-    p.add_argument("--train-batch", type=int, default=None,
-                   help="GMM MFM training batch (default: train.gmm_defaults())")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     t_begin = time.perf_counter()

@@ -9,12 +9,12 @@ Writes gmm_steering.{md,csv}, gmm_gradV.{md,csv} and gmm.png into --out.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 from .common import (
+    experiment_parser,
     MethodSpec,
     gmm_mfm,
     out_dir,
@@ -104,11 +104,9 @@ def plot(rows, grad_rows, ns, ts, path):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mfm_fast experiment gmm", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="outputs/gmm")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quick", action="store_true", help="tiny budget (tests)")
-    p.add_argument("--retrain", action="store_true")
+    p = experiment_parser("python -m mfm_fast experiment gmm", __doc__.splitlines()[0], "outputs/gmm",
+                          quick_help="tiny budget (tests)", retrain_help="train the GMM MFM again",
+                          train_help="GMM MFM training")
     p.add_argument("--samples", type=int, default=None, help="samples per method (default 1024; quick 128)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 100; quick 50)")
     p.add_argument("--ns", default=None, help="comma-separated N values (default 1,4,16,64; quick 1,4)")
@@ -116,11 +114,6 @@ def main(argv=None) -> int:
     p.add_argument("--ts", default="0.1,0.3,0.5,0.7,0.9", help="times for the ∇V accuracy study")
     p.add_argument("--grad-states", type=int, default=None, help="states per t for ∇V accuracy (default 512)")
     p.add_argument("--chunk-size", type=int, default=None, help="rows per network call (memory bound)")
-    p.add_argument("--train-steps", type=int, default=None,
-                   help="GMM MFM training steps (default: train.gmm_defaults())")
-    p.add_argument("--train-batch", type=int, default=None,
-                   help="GMM MFM training batch (default: train.gmm_defaults())")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     t_begin = time.perf_counter()
