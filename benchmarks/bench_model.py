@@ -11,20 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _common import matmul_peak_tflops, run
-from _steering import PATHS, build_model, report, rounds
+from _common import run
+from _steering import PATHS, report, rounds
 from mfm_fast.profile import build_path, forward_flops
 from mfm_fast.sampling import posterior_sample
-
-@pytest.fixture(scope="module")
-def dit(device, dtype):
-    return build_model(device, dtype)
-
-
-@pytest.fixture(scope="module")
-def peak(device):
-    return matmul_peak_tflops(device)
-
 
 @pytest.mark.parametrize("path", PATHS)
 def test_w1_posterior_samples(benchmark, path, dit, device, dtype, peak, device_info, peer_times):

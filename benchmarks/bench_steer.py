@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _common import matmul_peak_tflops, run
-from _steering import ON_GPU, PATHS, build_model, report, rounds
+from _common import run
+from _steering import ON_GPU, PATHS, report, rounds
 from mfm_fast.graphs import GraphedSteerStep, StaticStep
 from mfm_fast.memory import activation_bytes_per_row, auto_chunk_size
 from mfm_fast.profile import QuadraticReward, build_path, forward_flops
@@ -24,16 +24,6 @@ from mfm_fast.value import value_and_grad
 
 GiB = 2 ** 30
 W4_BUDGET = 8 * GiB
-
-
-@pytest.fixture(scope="module")
-def dit(device, dtype):
-    return build_model(device, dtype)
-
-
-@pytest.fixture(scope="module")
-def peak(device):
-    return matmul_peak_tflops(device)
 
 
 def problem(model, states, particles, device, dtype, seed=0):

@@ -41,3 +41,15 @@ def peer_times() -> dict:
     """(case, pass, impl) -> median seconds, so later rows can report ratios against peers of the same run."""
     return {}
 
+
+# the MFM-XL/2 (GPU) or tiny (CPU) model and the measured bf16 matmul peak, shared by bench_model and bench_steer
+@pytest.fixture(scope="module")
+def dit(device, dtype):
+    from _steering import build_model
+    return build_model(device, dtype)
+
+
+@pytest.fixture(scope="module")
+def peak(device):
+    from _common import matmul_peak_tflops
+    return matmul_peak_tflops(device)

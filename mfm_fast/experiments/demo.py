@@ -42,7 +42,8 @@ def demo_methods(n: int) -> list:
 
 def main(argv=None) -> int:
     p = experiment_parser("python -m mfm_fast demo", __doc__.splitlines()[0], "outputs/demo",
-                          quick_help="tiny budget (tests): seconds instead of minutes", retrain_help="train the GMM MFM again even if a cached one exists",
+                          quick_help="tiny budget (tests): seconds instead of minutes",
+                          retrain_help="train the GMM MFM again even if a cached one exists",
                           train_help="GMM MFM training")
     p.add_argument("--samples", type=int, default=None, help="samples per method (default 1024; quick: 256)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 100; quick: 20)")

@@ -120,7 +120,8 @@ def main(argv=None) -> int:
     from ..steer import paper_nfe, steer
 
     p = experiment_parser("python -m mfm_fast experiment digits", __doc__.splitlines()[0], "outputs/digits",
-                          quick_help="tiny budget (tests): meaningless numbers, all code paths", retrain_help="retrain the MFM and the classifier",
+                          quick_help="tiny budget (tests): meaningless numbers, all code paths",
+                          retrain_help="retrain the MFM and the classifier",
                           train_help="MFM training (CPU default 2000 steps)")
     p.add_argument("--samples", type=int, default=None, help="outputs per method (default 256; quick 16)")
     p.add_argument("--pool", type=int, default=None, help="base samples for Best-of-N (default 2048; quick 64)")

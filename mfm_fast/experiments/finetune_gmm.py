@@ -19,7 +19,8 @@ from .common import (distances, experiment_parser, gmm_mfm, out_dir, paper_probl
 
 def main(argv=None) -> int:
     p = experiment_parser("python -m mfm_fast experiment finetune-gmm", __doc__.splitlines()[0], "outputs/finetune_gmm",
-                          quick_help="tiny budget (tests)", retrain_help="retrain the base GMM MFM",
+                          quick_help="tiny budget (tests)",
+                          retrain_help="retrain the base GMM MFM",
                           train_help="GMM MFM training")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 1500; quick 40)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluation interval (default 250; quick 20)")

@@ -105,7 +105,8 @@ def plot(rows, grad_rows, ns, ts, path):
 
 def main(argv=None) -> int:
     p = experiment_parser("python -m mfm_fast experiment gmm", __doc__.splitlines()[0], "outputs/gmm",
-                          quick_help="tiny budget (tests)", retrain_help="train the GMM MFM again",
+                          quick_help="tiny budget (tests)",
+                          retrain_help="train the GMM MFM again",
                           train_help="GMM MFM training")
     p.add_argument("--samples", type=int, default=None, help="samples per method (default 1024; quick 128)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 100; quick 50)")
