@@ -11,7 +11,9 @@ if ! $PY -c "import torch" 2>/dev/null; then
   fi
 fi
 EXTRAS=${1:-dev}
+# reinstall when a dependency is missing or `mfm_fast` resolves to another checkout than this one
 if ! $PY -c "import mfm_fast, einops, safetensors, tqdm, matplotlib, pytest, sklearn, hypothesis, pytest_benchmark, diffusers" 2>/dev/null \
-   || ! $PY -m pip show -q mfm_fast >/dev/null 2>&1; then
+   || ! $PY -m pip show -q mfm_fast >/dev/null 2>&1 \
+   || [ "$(cd / && $PY -c 'import mfm_fast, os; print(os.path.dirname(os.path.dirname(os.path.realpath(mfm_fast.__file__))))' 2>/dev/null)" != "$(pwd -P)" ]; then
   $PY -m pip install -q -e ".[${EXTRAS}]"
 fi
