@@ -1,6 +1,6 @@
 PY ?= python3
 
-.PHONY: install demo test test-gpu bench
+.PHONY: install demo test test-gpu bench check-triton
 install:
 	PYTHON=$(PY) bash scripts/install.sh dev
 
@@ -18,3 +18,7 @@ test-gpu: install
 bench:
 	PYTHON=$(PY) bash scripts/install.sh dev,bench
 	$(PY) -m pytest benchmarks --benchmark-only
+
+# the no-GPU kernel checks (interpreter tier + sm_90 compile) against another triton, default the GPU image's 3.6.0
+check-triton: install
+	PYTHON=$(PY) bash scripts/check_triton.sh $(TRITON)

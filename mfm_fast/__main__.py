@@ -13,6 +13,7 @@ COMMANDS = {
     "sample": ("mfm_fast.cli", "sample_main", "K-step refinement sampling from a checkpoint, writes an image grid"),
     "encode": ("mfm_fast.latents", "encode_main", "encode an image folder into SD-VAE latent shards"),
     "profile": ("mfm_fast.profile", "main", "steering-throughput profiler with NVML telemetry"),
+    "kernels": ("mfm_fast.aot", "main", "compile every Triton kernel for a target GPU (no GPU needed): regs, spills"),
     "info": ("mfm_fast.backend", "info_main", "versions, GPU, chosen kernels and attention backend"),
     "experiment": ("mfm_fast.experiments", "main", "run a paper experiment (gmm, digits, finetune-gmm)"),
 }
