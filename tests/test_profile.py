@@ -18,6 +18,28 @@ def test_forward_flops_match_the_documented_xl2_count():
     assert forward_flops(make_config("MFM-XL/2")) / 1e9 == pytest.approx(236.7, abs=0.1)
 
 
+def test_flop_accounting_agrees_with_torch_flop_counter_at_xl2():
+    """The benchmarks' TFLOP/s use forward_flops per forward sample and 2× it for a value gradient (forward plus
+    the backward to the context x only, weights frozen). Count what the XL/2 model really runs (on meta tensors,
+    particle groups on) with torch's FlopCounterMode, which knows nothing of that formula."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = MFMDiT("MFM-XL/2", impl="torch").to(torch.bfloat16).requires_grad_(False)
+    G, N = 2, 4
+    mk = dict(device="meta", dtype=torch.bfloat16)
+    s, u, t = torch.rand(G, **mk), torch.rand(G, **mk), torch.rand(G, **mk)
+    x, xbar = torch.randn(G, *model.event_shape, **mk).requires_grad_(), torch.randn(G * N, *model.event_shape, **mk)
+    y = torch.zeros(G, dtype=torch.long, device="meta")
+    per_sample = G * N * forward_flops(model.config)
+    with FlopCounterMode(display=False) as fwd:
+        with torch.no_grad():
+            model(s, u, xbar, t, x, y=y)
+    with FlopCounterMode(display=False) as fwd_bwd:
+        model(s, u, xbar, t, x, y=y).float().sum().backward()
+    assert fwd.get_total_flops() == pytest.approx(per_sample, rel=0.01)
+    assert fwd_bwd.get_total_flops() == pytest.approx(2 * per_sample, rel=0.03)
+
+
 def test_naive_particles_repeat_conditioning_to_the_same_result():
     model = randomize_(MFMDiT("MFM-T/2", impl="torch", input_size=4, depth=1, encoder_depth=1), std=0.1)
     naive = NaiveParticles(model)
