@@ -155,14 +155,16 @@ def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tenso
                     xc = xs.clone().requires_grad_(True)
                     x1 = eps + call_model(model, zeros, zeros + 1, eps, ts, xc, **cs)
                     r = (lam * reward(x1)).view(b, p)
-                    L = torch.logsumexp(r, dim=1)  # (b,)
-                    if not L.requires_grad:
+                    if not r.requires_grad:
                         raise ValueError(f"reward {reward_name(reward)!r}: no gradient reaches the context x; "
                                          f"estimator 'mfm-g' needs a reward differentiable in its input "
                                          f"(or use estimator='mfm-gf')")
-                    # Rows are independent states, so the gradient of the sum is the per-state gradient.
-                    (g,) = torch.autograd.grad(L.sum(), xc, allow_unused=True)
-                lse.append(L.detach())
+                    # The backward starts from the log-mean-exp seed ∂V̂/∂r_i = softmax_i(r): one backward pass
+                    # through reward and network for all particles of all states at once (the states are
+                    # independent rows, so each state's gradient lands in its own row of x).
+                    rd = r.detach()
+                    (g,) = torch.autograd.grad(r, xc, grad_outputs=torch.softmax(rd, dim=1), allow_unused=True)
+                lse.append(torch.logsumexp(rd, dim=1))
                 part.append(torch.zeros_like(xs) if g is None else g)
             else:
                 with torch.no_grad():
