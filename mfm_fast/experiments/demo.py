@@ -28,14 +28,17 @@ COLUMNS = ["method", "N", "sliced-W2", "MMD²", "mean reward", "far %", "fwd eva
            "paper NFE", "wall s"]
 
 
-def demo_methods(n: int) -> list:
-    """The samplers compared, with n one-step samples per state (value estimators) or candidates (Best-of-N)."""
+def demo_methods(n: int, n_smc: int) -> list:
+    """The samplers compared, with n one-step samples per state (value estimators) or candidates (Best-of-N).
+
+    SMC gets its own n_smc: its weights use the estimated value V̂ itself, not only its gradient, and with few
+    samples the noise of V̂ degenerates the weights (the population collapses onto one mode)."""
     return [
         MethodSpec("base (no steering)", "none"),
         MethodSpec("MFM-G", "mfm-g", n),
         MethodSpec("MFM-GF", "mfm-gf", n),
         MethodSpec("DPS", "dps"),
-        MethodSpec("SMC (MFM-G twist)", "smc", n),
+        MethodSpec("SMC (MFM-G twist)", "smc", n_smc),
         MethodSpec("Best-of-N", "best-of-n", n),
     ]
 
@@ -48,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=None, help="samples per method (default 1024; quick: 256)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 100; quick: 20)")
     p.add_argument("--particles", type=int, default=None, help="N: particles / candidates (default 8)")
+    p.add_argument("--smc-particles", type=int, default=None,
+                   help="one-step samples per state for SMC's value estimate (default 64; quick: 8)")
     args = p.parse_args(argv)
 
     t_begin = time.perf_counter()
@@ -57,7 +62,9 @@ def main(argv=None) -> int:
     n_samples = args.samples or (128 if quick else 1024)
     steps = args.steps or (50 if quick else 100)
     n = args.particles or (4 if quick else 8)
-    print(f"mfm_fast demo on {device}: {n_samples} samples per method, K = {steps} Euler steps, N = {n}", flush=True)
+    n_smc = args.smc_particles or (8 if quick else 64)
+    print(f"mfm_fast demo on {device}: {n_samples} samples per method, K = {steps} Euler steps, N = {n} "
+          f"(SMC: {n_smc})", flush=True)
 
     model, info = gmm_mfm(device, quick=quick, retrain=args.retrain, steps=args.train_steps,
                           batch=args.train_batch)
@@ -68,7 +75,7 @@ def main(argv=None) -> int:
     noise = torch.randn(n_samples, 2, generator=gen, device=device)
 
     rows, panels = [], [("exact tilted target", target)]
-    for spec in demo_methods(n):
+    for spec in demo_methods(n, n_smc):
         res, wall = run_method(model, prob.reward, noise, spec, steps, prob.lam, gen)
         rows.append(score_rows(spec, res, wall, target))
         panels.append((spec.label if spec.n == 1 else f"{spec.label} (N={spec.n})", res.samples))
