@@ -136,7 +136,10 @@ def model_workloads(config: str = "MFM-XL/2", dtype: torch.dtype = torch.bfloat1
         out[f"backward {tag}"] = rec
         model.zero_grad(set_to_none=True)
         primals = inputs(False)
-        f = (lambda s, u, xb, t, x: model(s, u, xb, t, x, y=y))
+
+        def f(s, u, xb, t, x, y=y):
+            return model(s, u, xb, t, x, y=y)
+
         with record_launches() as rec, torch.no_grad():
             torch.func.jvp(f, primals, tuple(torch.randn_like(p) for p in primals))
         out[f"jvp all {tag}"] = rec

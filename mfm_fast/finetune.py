@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Union
 
@@ -202,7 +203,7 @@ def finetune(mfm: nn.Module, reward: Callable, data: Union[torch.Tensor, Callabl
     steps = range(1, cfg.steps + 1)
     if progress:
         from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="MFM-FT", leave=False)
+        steps = tqdm(steps, desc="MFM-FT", leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)
     ema_params = [e for e, p in zip(ema.parameters(), trainable.parameters()) if p.requires_grad]
     for step in steps:
         x1 = sample_data(cfg.batch_size, gen)

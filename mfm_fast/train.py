@@ -412,7 +412,8 @@ def train(model: nn.Module, sample_batch: Callable, cfg: Optional[TrainConfig] =
     bar = None
     if progress and trainer.dist.is_main:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=min(trainer.step, cfg.steps), desc="train", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=min(trainer.step, cfg.steps), desc="train", dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets an update every 30 s
     pending = []
 
     def flush():  # one host sync per logging interval
