@@ -80,3 +80,37 @@ def test_cli_refuses_the_interpreter():
     res = subprocess.run([sys.executable, "-m", "mfm_fast", "kernels"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode != 0 and "TRITON_INTERPRET" in res.stderr
+
+
+def test_torch_compile_traces_the_triton_model_in_one_graph_with_its_backward():
+    """fullgraph torch.compile of the Triton-op model, forward and backward, traced on meta tensors (no GPU): every
+    fused op must be traceable (triton_op + wrap_triton), attention dispatch constant, backward registered."""
+    script = textwrap.dedent('''
+        import collections, json, torch
+        from mfm_fast import aot
+        from mfm_fast.backend import triton_ops
+        from mfm_fast.models.dit import MFMDiT
+        with torch.device("meta"):
+            m = MFMDiT("MFM-T/2", impl="torch", depth=2, encoder_depth=1).to(torch.bfloat16)
+        m._ops = triton_ops()
+        G, N, ev = 2, 3, m.event_shape
+        mk = dict(device="meta", dtype=torch.bfloat16)
+        s, u, t = torch.rand(G, **mk), torch.rand(G, **mk), torch.rand(G, **mk)
+        xb = torch.randn(G * N, *ev, **mk, requires_grad=True)
+        x = torch.randn(G, *ev, **mk, requires_grad=True)
+        y = torch.zeros(G, dtype=torch.long, device="meta")
+        f = torch.compile(lambda s, u, xb, t, x: m(s, u, xb, t, x, y=y), backend="aot_eager", fullgraph=True)
+        with aot.record_launches() as rec:
+            out = f(s, u, xb, t, x)
+            gx, gxb = torch.autograd.grad(out.float().sum(), (x, xb))
+        print(json.dumps(dict(shapes=[list(out.shape), list(gx.shape), list(gxb.shape)],
+                              kernels=collections.Counter(r.name for r in rec))))
+    ''')
+    res = _run(["-c", script])
+    assert res.returncode == 0, res.stderr[-4000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["shapes"] == [[6, 4, 8, 8], [2, 4, 8, 8], [6, 4, 8, 8]]
+    for kernel in ("time_embed_fwd_kernel", "input_stage_kernel", "ln_modulate_fwd_kernel", "gate_residual_fwd_kernel",
+                   "bias_gelu_fwd_kernel", "gate_residual_bwd_kernel", "bias_gelu_grad_kernel",
+                   "ln_modulate_bwd_kernel", "input_stage_bwd_kernel"):
+        assert got["kernels"].get(kernel, 0) > 0, (kernel, got["kernels"])

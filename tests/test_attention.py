@@ -112,3 +112,15 @@ def test_bf16_xl2_shape_error_within_twice_sdpa_bf16_error():
     low = [t.bfloat16() for t in (q, k, v)]
     err = lambda a: (a.double() - exact).abs().max().item()  # noqa: E731
     assert err(attention(*low)) <= 2 * err(F.scaled_dot_product_attention(*low)) + 1e-3
+
+
+def test_first_dispatch_inside_torch_compile_keeps_one_graph():
+    """The backend choice probes optional packages (imports) and the device: under torch.compile it must be a
+    trace-time constant, not traced code, or fullgraph compilation of a model fails on its first call."""
+    att._choose.cache_clear()  # the first decision for this key happens while tracing
+    q, k, v = [t.requires_grad_() for t in qkv((2, 3, 9, 40))]
+    compiled = torch.compile(attention, backend="eager", fullgraph=True)
+    out = compiled(q, k, v)
+    torch.testing.assert_close(out, attention_ref(q, k, v), rtol=1e-5, atol=1e-5)
+    g = torch.autograd.grad(out.sum(), q)[0]
+    torch.testing.assert_close(g, torch.autograd.grad(attention_ref(q, k, v).sum(), q)[0], rtol=1e-5, atol=1e-5)

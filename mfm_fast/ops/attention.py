@@ -215,24 +215,32 @@ def _check(q, k, v):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
-_CHOSEN: dict = {}  # dispatch decisions by input signature: a plain lookup per call, constant under torch.compile
+_BY_NAME = {b.name: b for b in BACKENDS}
+
+
+@functools.lru_cache(maxsize=None)
+def _choose(device: torch.device, dtype: torch.dtype, head_dim: int, need_jvp: bool, allowed_env: str) -> str:
+    """Name of the first capable backend, or an error listing every backend's reasons (decided once per key)."""
+    table = backend_table(device, dtype, head_dim, need_jvp)
+    chosen = next((name for name, ok, _ in table if ok), None)
+    if chosen is None:
+        lines = "\n".join(f"  {name}: {'; '.join(reasons)}" for name, _, reasons in table)
+        raise RuntimeError(f"no attention backend fits head dim {head_dim}, {dtype} on {device}"
+                           f"{' (jvp needed)' if need_jvp else ''}:\n{lines}")
+    return chosen
+
+
+# Under torch.compile the choice is evaluated once while tracing and baked in as a constant: probing optional
+# packages (imports) and device properties inside the traced region would break the graph.
+@torch.compiler.assume_constant_result
+def _choose_constant(device: torch.device, dtype: torch.dtype, head_dim: int, need_jvp: bool, allowed_env: str) -> str:
+    return _choose(device, dtype, head_dim, need_jvp, allowed_env)
 
 
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _Backend:
     _check(q, k, v)
-    need_jvp = needs_jvp(q, k, v)
-    key = (q.device, q.dtype, q.shape[-1], need_jvp, os.environ.get("MFM_FAST_ATTENTION", ""))
-    chosen = _CHOSEN.get(key)
-    if chosen is not None:
-        return chosen
-    table = backend_table(q.device, q.dtype, q.shape[-1], need_jvp)
-    chosen = next((b for b, (_, ok, _) in zip(BACKENDS, table) if ok), None)
-    if chosen is None:
-        lines = "\n".join(f"  {name}: {'; '.join(reasons)}" for name, _, reasons in table)
-        raise RuntimeError(f"no attention backend fits q {tuple(q.shape)} {q.dtype} on {q.device}"
-                           f"{' (jvp needed)' if need_jvp else ''}:\n{lines}")
-    _CHOSEN[key] = chosen
-    return chosen
+    key = (q.device, q.dtype, q.shape[-1], needs_jvp(q, k, v), os.environ.get("MFM_FAST_ATTENTION", ""))
+    return _BY_NAME[_choose_constant(*key) if torch.compiler.is_compiling() else _choose(*key)]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
