@@ -12,7 +12,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 import torch.nn as nn
 
-from ._checks import _in_functorch, check_finite_scalar
+from ._checks import check_finite_scalar, host_checks_allowed
 
 
 class Reward(Protocol):
@@ -30,9 +30,7 @@ def reward_name(fn) -> str:
 def _checks_possible(r: torch.Tensor) -> bool:
     # Value checks synchronise with the device, which is impossible inside a CUDA-graph capture and unwanted in
     # compiled or functorch-transformed code; those callers check the finished samples instead.
-    if torch.compiler.is_compiling() or _in_functorch(r):
-        return False
-    return not (r.is_cuda and torch.cuda.is_current_stream_capturing())
+    return host_checks_allowed(r)
 
 
 class CheckedReward:

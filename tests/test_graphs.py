@@ -37,6 +37,42 @@ def test_graph_true_on_cpu_warns_and_equals_eager():
     assert not torch.allclose(eager, noise)
 
 
+def _meta_step(method, sde, renorm, reward, impl_ops=None):
+    """Run the captured body (StaticStep) on meta tensors: like a CUDA-graph capture, a host read (.item(),
+    bool(tensor), .tolist()) is impossible there, so any host synchronisation in the step raises."""
+    from mfm_fast.rewards import as_reward
+    with torch.device("meta"):
+        model = MFMDiT("MFM-T/2", impl="torch", input_size=4, hidden_size=72, num_heads=1, depth=2, encoder_depth=1)
+    if impl_ops is not None:
+        model._ops = impl_ops
+    ev = model.event_shape
+    x0 = torch.randn(2, *ev, device="meta")
+    step = make_step(model, as_reward(reward), method=method, sde=sde, lam=2.0, renorm=renorm,
+                     cond={"y": torch.zeros(2, dtype=torch.long, device="meta")})
+    static = StaticStep(step, x0, torch.linspace(0.01, 1, 4, device="meta"), n_particles=3,
+                        draw_eps=method in ("mfm-g", "mfm-gf"), draw_xi=sde)
+    with torch.no_grad():
+        static.run()
+    return static.x
+
+
+@pytest.mark.parametrize("method", ["none", "mfm-g", "mfm-gf", "dps"])
+@pytest.mark.parametrize("sde,renorm", [(False, None), (True, "rescale"), (True, "clip")])
+def test_the_captured_step_makes_no_host_synchronisation(method, sde, renorm):
+    out = _meta_step(method, sde, renorm, quadratic_reward(torch.randn(4, 4, 4, device="meta")))
+    assert out.shape == (2, 4, 4, 4) and out.is_meta
+
+
+def test_the_meta_proxy_catches_a_reward_that_reads_the_host():
+    def syncing_reward(x1):
+        r = -(x1 ** 2).flatten(1).mean(1)
+        if r.max().item() > 0:  # a host read: illegal while a CUDA graph is being captured
+            r = r * 0
+        return r
+    with pytest.raises(RuntimeError, match="meta"):
+        _meta_step("mfm-g", False, None, syncing_reward)
+
+
 @pytest.mark.parametrize("method,sde,renorm", [("mfm-g", True, "rescale"), ("mfm-gf", False, None),
                                                ("none", True, None)])
 def test_static_step_consumes_noise_like_the_eager_loop(method, sde, renorm):
