@@ -148,15 +148,17 @@ def _git_commit() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("json", help="pytest-benchmark JSON of one GPU run (--benchmark-json)")
+    p.add_argument("json", nargs="+", help="pytest-benchmark JSON of one GPU session (--benchmark-json), one file per "
+                                           "suite when the suites ran as separate commands")
     p.add_argument("--command", default="pytest benchmarks --benchmark-only --benchmark-json=bench.json -q",
                    help="the command that made the JSON, recorded with the table")
     p.add_argument("--date", default=None, help="the run's date (default: from the JSON)")
     a = p.parse_args(argv)
-    data = load(a.json)
+    parts = [load(path) for path in a.json]
+    data = dict(rows=[r for part in parts for r in part["rows"]], commit=parts[0]["commit"])
     if not data["rows"]:
-        p.error(f"{a.json} holds no benchmark rows (was the run made with --benchmark-only?)")
-    with open(a.json) as f:
+        p.error(f"{', '.join(a.json)} hold no benchmark rows (was the run made with --benchmark-only?)")
+    with open(a.json[0]) as f:
         date = a.date or json.load(f).get("datetime", "?")[:10]
     sys.stdout.write(render(data, a.command, date))
     return 0

@@ -14,9 +14,14 @@ import torch  # noqa: E402
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    # on a GPU machine the interpreter is off unless asked for (TRITON_INTERPRET=1 pytest tests -m interpret)
+    skip_interpret = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (the kernels run on CPU tensors)")
+    interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if "interpret" in item.keywords and not interpreter:
+            item.add_marker(skip_interpret)
 
 
 @pytest.fixture(autouse=True)
