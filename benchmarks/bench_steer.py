@@ -18,7 +18,7 @@ from _common import run
 from _steering import ON_GPU, PATHS, report, rounds
 from mfm_fast.graphs import GraphedSteerStep, StaticStep
 from mfm_fast.memory import activation_bytes_per_row, auto_chunk_size
-from mfm_fast.profile import QuadraticReward, build_path, forward_flops
+from mfm_fast.profile import build_path, forward_flops, steering_problem
 from mfm_fast.steer import make_step
 from mfm_fast.value import value_and_grad
 
@@ -28,13 +28,7 @@ W4_BUDGET = 8 * GiB
 
 def problem(model, states, particles, device, dtype, seed=0):
     """Context x, times, labels, pre-drawn particle noise (identical work every round) and the reward."""
-    gen = torch.Generator(device).manual_seed(seed)
-    ev = model.event_shape
-    x = torch.randn(states, *ev, device=device, dtype=dtype, generator=gen)
-    t = torch.rand(states, device=device, dtype=dtype, generator=gen) * 0.8 + 0.1
-    y = torch.randint(0, model.config.num_classes, (states,), device=device, generator=gen)
-    noise = torch.randn(states, particles, *ev, device=device, dtype=dtype, generator=gen)
-    reward = QuadraticReward(torch.randn(*ev, device=device, dtype=dtype, generator=gen))
+    x, t, y, reward, noise = steering_problem(model, states, device, dtype, seed, particles)
     return x, t, y, noise, reward
 
 

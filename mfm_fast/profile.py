@@ -201,21 +201,25 @@ def build_path(path: str, model: MFMDiT, device, fast_impl: str = "auto") -> tup
     raise ValueError(f"unknown path {path!r}; known: {PATHS}")
 
 
-def _inputs(model, states, particles, device, dtype, seed=0):
+def steering_problem(model, states: int, device, dtype, seed: int = 0, particles: Optional[int] = None):
+    """Random context x (states,), times t in [0.1, 0.9], labels y, a QuadraticReward and, given `particles`,
+    the particle noise (states, particles, *event) drawn last — the profiler's and the benchmarks' inputs."""
     gen = torch.Generator(device).manual_seed(seed)
     ev = model.event_shape
     x = torch.randn(states, *ev, device=device, dtype=dtype, generator=gen)
     t = torch.rand(states, device=device, dtype=dtype, generator=gen) * 0.8 + 0.1
     y = torch.randint(0, model.config.num_classes, (states,), device=device, generator=gen)
     reward = QuadraticReward(torch.randn(*ev, device=device, dtype=dtype, generator=gen))
-    return x, t, y, reward
+    noise = None if particles is None else torch.randn(states, particles, *ev, device=device, dtype=dtype,
+                                                       generator=gen)
+    return x, t, y, reward, noise
 
 
 def profile_path(path: str, model: MFMDiT, states: int, particles: int, steps: int, device: torch.device,
                  dtype: torch.dtype, repeat: int = 5, peak: Optional[float] = None, w4_search: int = 0) -> dict:
     """W1–W4 of one path on (states × particles); see the module docstring."""
     net, impl = build_path(path, model, device)
-    x, t, y, reward = _inputs(model, states, particles, device, dtype)
+    x, t, y, reward, _ = steering_problem(model, states, device, dtype)
     fast = path == "fast"
     chunk = auto_chunk_size(model, states, particles, dtype, device) if fast else None
     flops = forward_flops(model.config)
