@@ -48,9 +48,9 @@ def main(argv=None) -> int:
                           quick_help="tiny budget (tests): seconds instead of minutes",
                           retrain_help="train the GMM MFM again even if a cached one exists",
                           train_help="GMM MFM training")
-    p.add_argument("--samples", type=int, default=None, help="samples per method (default 1024; quick: 256)")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 100; quick: 20)")
-    p.add_argument("--particles", type=int, default=None, help="N: particles / candidates (default 8)")
+    p.add_argument("--samples", type=int, default=None, help="samples per method (default 1024; quick: 128)")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 100; quick: 50)")
+    p.add_argument("--particles", type=int, default=None, help="N: particles / candidates (default 8; quick: 4)")
     p.add_argument("--smc-particles", type=int, default=None,
                    help="one-step samples per state for SMC's value estimate (default 64; quick: 8)")
     args = p.parse_args(argv)
