@@ -124,9 +124,11 @@ def render(data: dict, command: str, date: str) -> str:
     lines.append(f"bf16 matmul peak measured in the run (8192³ A @ A): {_fmt(peak, 0)} TFLOP/s; device copy "
                  f"bandwidth: {_fmt(first.get('copy_gbps'), 0)} GB/s.")
     lines.append("")
-    lines.append("| workload | " + " | ".join(HEADERS) + " | fast / best peer | target | |")
-    lines.append("|---" * (len(HEADERS) + 4) + "|")
-    for label, cells, vs, target, verdict in workload_rows(rows):
+    work = workload_rows(rows)
+    if work:
+        lines.append("| workload | " + " | ".join(HEADERS) + " | fast / best peer | target | |")
+        lines.append("|---" * (len(HEADERS) + 4) + "|")
+    for label, cells, vs, target, verdict in work:
         lines.append(f"| {label} | " + " | ".join(cells.get(c, "–") for c in COLUMNS) +
                      f" | {vs} | {target} | {verdict} |")
     kern = kernel_rows(rows)

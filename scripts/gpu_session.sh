@@ -7,6 +7,7 @@
 #   scripts/gpu_session.sh steer     # W2–W4 (bench_steer)
 #   scripts/gpu_session.sh profile   # the profiler for W2 and W3 shapes with NVML telemetry
 #   scripts/gpu_session.sh table     # RESULTS.md record from the benchmark JSON files of the stages above
+#   scripts/gpu_session.sh tune      # W5 fused-op bandwidth with 8 and with 16 warps per row-kernel launch
 # No install step: the GPU image has torch, triton and the test/bench dependencies; this checkout is put on the path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,8 +44,17 @@ case "${1:-check}" in
     $PY benchmarks/results_table.py $files \
       --command "scripts/gpu_session.sh model && scripts/gpu_session.sh steer" | tee "$OUT/results.md"
     ;;
+  tune)
+    for w in 8 16; do
+      MFM_FAST_ROW_WARPS=$w $PY -m pytest benchmarks/bench_kernels.py $BENCH -k "fast or eager" \
+        --benchmark-json="$OUT/tune_w$w.json" > "$OUT/tune_w$w.txt" 2>&1
+      echo "== MFM_FAST_ROW_WARPS=$w"
+      $PY benchmarks/results_table.py "$OUT/tune_w$w.json" --command "MFM_FAST_ROW_WARPS=$w bench_kernels" \
+        | grep -E "^\| (ln_modulate|gate_residual|input_stage)"
+    done 2>&1 | tee "$OUT/tune.txt"
+    ;;
   *)
-    echo "usage: $0 check|model|steer|profile|table" >&2
+    echo "usage: $0 check|model|steer|profile|table|tune" >&2
     exit 2
     ;;
 esac

@@ -174,3 +174,17 @@ def test_compiled_forward_and_backward_equal_eager():
 def test_opcheck_of_the_registered_op():
     x, shift, scale = (t.cuda().requires_grad_() for t in make_inputs(4, 2, 64, 1152))
     torch.library.opcheck(torch.ops.mfm_fast.ln_modulate.default, (x, shift, scale, 1e-6))
+
+
+@pytest.mark.interpret
+def test_row_warps_override_changes_the_launch_not_the_values(monkeypatch):
+    from mfm_fast.ops.adaln import row_config
+    x, shift, scale = make_inputs(2, 3, 5, 300)
+    default = ln_modulate(x, shift, scale)
+    assert row_config(1152) == (2048, 2, 8)
+    monkeypatch.setenv("MFM_FAST_ROW_WARPS", "16")
+    assert row_config(1152) == (2048, 2, 16)
+    assert torch.equal(ln_modulate(x, shift, scale), default)
+    monkeypatch.setenv("MFM_FAST_ROW_WARPS", "12")
+    with pytest.raises(ValueError, match="MFM_FAST_ROW_WARPS"):
+        ln_modulate(x, shift, scale)

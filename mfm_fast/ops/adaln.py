@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -66,13 +67,32 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+ROW_WARPS_ENV = "MFM_FAST_ROW_WARPS"  # tuning hook: warps of every row-kernel launch (1, 2, 4, 8, 16 or 32)
+
+
+def row_warps_override() -> Optional[int]:
+    raw = os.environ.get(ROW_WARPS_ENV, "").strip()
+    if not raw:
+        return None
+    if raw not in ("1", "2", "4", "8", "16", "32"):
+        raise ValueError(f"{ROW_WARPS_ENV} must be one of 1, 2, 4, 8, 16, 32, got {raw!r}")
+    return int(raw)
+
+
 @functools.lru_cache(maxsize=None)
-def row_config(D: int) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_M, num_warps) for rows of D values: a whole row per tile, ~4K fp32 values per operand tile."""
+def _row_config(D: int, warps: Optional[int]) -> tuple[int, int, int]:
     block_d = 1 << max(D - 1, 0).bit_length()
     block_m = max(1, min(16, 4096 // block_d))
-    num_warps = 4 if block_d <= 1024 else 8
+    num_warps = warps or (4 if block_d <= 1024 else 8)
     return block_d, block_m, num_warps
+
+
+def row_config(D: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_M, num_warps) for rows of D values: a whole row per tile, ~4K fp32 values per operand tile.
+
+    num_warps is 4 up to 1024-wide tiles, else 8, unless MFM_FAST_ROW_WARPS says otherwise (for timing other
+    choices on a GPU; the values computed do not depend on it)."""
+    return _row_config(D, row_warps_override())
 
 
 # backward programs accumulate parameter-gradient partials over several rows; aim for about this many programs
