@@ -78,21 +78,32 @@ def matmul_peak_tflops(device: str = "cuda", n: int | None = None) -> float:
 
 
 def run(benchmark, fn, device, rounds: int = 20, warmup_rounds: int = 3):
-    """pytest-benchmark pedantic run whose target ends with a device synchronisation.
+    """pytest-benchmark pedantic run of fn, each round ending with a device synchronisation.
 
-    Returns (fn's last result, seconds): the benchmark's median, or with --benchmark-disable (one call, no
-    statistics) that call's synchronised wall time.
+    Returns (fn's last result, seconds): the median over the measured rounds of the device time (CUDA events
+    around fn on a GPU, so Python and launch overhead outside fn do not count; perf_counter on the CPU). With
+    --benchmark-disable (one call, no statistics) that call's time. Only the last result is kept alive, so a
+    round never pays for allocating around the outputs of earlier rounds.
     """
-    result, last = [], []
+    result, times = [None], []
+    cuda = on_cuda(device)
 
     def target():
-        t0 = time.perf_counter()
-        result.append(fn())
-        sync(device)
-        last.append(time.perf_counter() - t0)
+        result[0] = None  # free the previous round's output before this round allocates its own
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result[0] = fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            result[0] = fn()
+            times.append(time.perf_counter() - t0)
 
     benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
     stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.data:
-        return result[-1], stats.stats.median
-    return result[-1], last[-1]
+    measured = times[-rounds:] if stats is not None and getattr(stats, "stats", None) is not None \
+        and stats.stats.data else times[-1:]
+    return result[0], statistics.median(measured)

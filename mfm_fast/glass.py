@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from ._checks import as_time, check_finite_scalar, check_positive_int, check_state
-from .interpolant import bcast
+from .interpolant import bcast, time_grid
 
 
 def glass_drift(teacher_drift: Callable, s, xbar: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ def glass_posterior_sample(teacher_drift: Callable, t, x: torch.Tensor, n: int, 
     else:
         check_state("noise", noise, event, batch=B * n)
     tn, xn = t.repeat_interleave(n), x.repeat_interleave(n, dim=0)
-    grid = torch.linspace(0, 1, steps + 1, device=x.device, dtype=x.dtype)
+    grid = time_grid(0.0, steps, x)
     xbar = noise
     for j in range(steps):
         xbar = xbar + (grid[j + 1] - grid[j]) * glass_drift(teacher_drift, grid[j], xbar, tn, xn)

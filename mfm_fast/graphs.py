@@ -21,9 +21,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ._checks import check_positive_int
+from .interpolant import time_grid
 from .rewards import CheckedReward, as_reward
-from .steer import _check_common, _finish, _progress, make_step, paper_nfe
+from .steer import _finish, _progress, check_steer_args, make_step, paper_nfe
 from .value import Cost, CountedModel, CountedReward
 
 GRAPH_METHODS = ("none", "mfm-g", "mfm-gf", "dps")
@@ -112,6 +112,13 @@ class StaticStep:
         self.x.copy_(self._step(self.x, t, dt, eps, xi))
         self.idx.add_(1)
 
+    def warm_up(self, runs: int) -> None:
+        """`runs` eager steps, each from the first grid point (never past the grid's end, whatever `runs` is);
+        the caller resets the state and the generators afterwards."""
+        for _ in range(max(1, runs)):
+            self.idx.zero_()
+            self._body()
+
     def _check_left(self):
         if self.k >= self.steps:
             raise RuntimeError(f"all {self.steps} steps of the grid have run; call reset(x0) first")
@@ -158,10 +165,12 @@ class GraphedSteerStep(StaticStep):
         side.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(side):
-                for _ in range(max(1, warmup)):
-                    self._body()
+                self.warm_up(warmup)
             torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
+            # what the warm-up cached stays out of the graph's private pool and cannot be freed while capturing:
+            # hand it back first, or the capture needs twice a step's memory
+            torch.cuda.empty_cache()
         except Exception as e:
             _restore_generators(gens, saved)
             raise GraphCaptureError(f"the eager warm-up of the step failed: {_reason(e)}") from e
@@ -176,7 +185,11 @@ class GraphedSteerStep(StaticStep):
         pool = torch.cuda.graph_pool_handle()
         error, ended = None, False
         with torch.cuda.stream(side):
-            self.graph.capture_begin(pool=pool)
+            try:
+                self.graph.capture_begin(pool=pool)
+            except Exception as e:
+                _restore_generators(gens, saved)
+                raise GraphCaptureError(f"capture could not begin: {_reason(e)}") from e
             try:
                 self._body()
             except Exception as e:
@@ -190,10 +203,14 @@ class GraphedSteerStep(StaticStep):
         torch.cuda.current_stream(self.device).wait_stream(side)
         if error is not None:
             if not ended:
-                _reset_after_failed_capture(pool, gens, self.device)
+                try:
+                    _reset_after_failed_capture(pool, gens, self.device)
+                except Exception as e:  # still a capture failure to the caller, with both reasons
+                    error = RuntimeError(f"{_reason(error)}; resetting after it failed too: {_reason(e)}")
             _restore_generators(gens, saved)
             self.graph = None
-            raise GraphCaptureError(_reason(error)) from error
+            reason, error = _reason(error), None  # drop the traceback's references to the pool's tensors
+            raise GraphCaptureError(reason)
         torch.cuda.synchronize(self.device)
         self.reset(x0)
         _restore_generators(gens, saved)
@@ -222,16 +239,16 @@ def steer_graphed(model, reward, noise: torch.Tensor, steps: int = 250, method: 
     """
     sampler_only = {"search_mode", "population", "smc_estimator", "ess_threshold"}
     cond = {k: v for k, v in kwargs.items() if k not in sampler_only}
+    t_start, lam, renorm_scale, chunk_size = check_steer_args(model, noise, steps, t_start, method, n_particles,
+                                                              lam, renorm, renorm_scale, clamp_ratio, chunk_size)
     if method not in GRAPH_METHODS:
         raise GraphCaptureError(f"method {method!r} is not captured (its sampler reads values on the host); "
                                 f"graphed methods: {GRAPH_METHODS}")
     if noise.device.type != "cuda":
         raise GraphCaptureError(f"CUDA graphs need CUDA tensors; noise is on {noise.device}")
-    t_start = _check_common(model, noise, steps, t_start)
-    check_positive_int("n_particles", n_particles)
     reward = reward if isinstance(reward, CheckedReward) else as_reward(reward)
     B = noise.shape[0]
-    grid = torch.linspace(t_start, 1, steps + 1, device=noise.device, dtype=noise.dtype)
+    grid = time_grid(t_start, steps, noise)
     step_kw = dict(method=method, sde=sde, lam=lam, renorm=renorm, renorm_scale=renorm_scale,
                    clamp_ratio=clamp_ratio, chunk_size=chunk_size, cond=cond)
     # one step's work is counted while it is captured; every replay repeats exactly that work
@@ -251,4 +268,8 @@ def steer_graphed(model, reward, noise: torch.Tensor, steps: int = 250, method: 
         setattr(cost, field, getattr(per_step, field) * steps)
     for _ in _progress(range(steps), progress, f"steer[{method}, graph]"):
         graphed.replay()
+    # inside the graph the reward's finite-value check cannot run (a host read); check the result once instead
+    if not bool(torch.isfinite(graphed.x).all()):
+        raise ValueError(f"graphed steering produced non-finite samples (reward {reward.name!r} or the model "
+                         f"returned NaN/inf inside the captured step; run eagerly to locate it)")
     return _finish(graphed.x.clone(), cost, reward, return_result)

@@ -6,9 +6,9 @@ For each path it times the workloads of BENCHMARKS.md on the given shape and pri
 - W3 one full steering step (value gradient + drift + Euler update): ms/step
 - W4 peak memory of W2 (GPU), and the largest particle count per state that runs (GPU, --w4-search)
 Paths: "fast" (impl auto → Triton kernels, particle groups, auto chunking, CUDA-graph steps), "ref" (PyTorch
-reference ops, conditioning repeated per particle, eager), "compile" and "compile-ro" (torch.compile of the
-reference, default and mode="reduce-overhead"). FLOPs per forward sample: depth·(2·L·D·(4 + 2·mlp_ratio)·D +
-4·L²·D) (BENCHMARKS.md); a value gradient counts 2× forward. The bf16 matmul peak (8192³) is measured in the same
+reference ops with SDPA attention, conditioning repeated per particle, eager), "compile" and "compile-ro"
+(torch.compile of that reference, default and mode="reduce-overhead"). FLOPs per forward sample:
+depth·(2·L·D·(4 + 2·mlp_ratio)·D + 4·L²·D) (BENCHMARKS.md); a value gradient counts 2× forward. The bf16 matmul peak (8192³) is measured in the same
 run. With a GPU, NVML (nvidia-ml-py) telemetry — power, SM clock, memory used — is sampled in a background thread.
 Timings taken on a CPU exercise the code; they are not performance numbers.
 """
@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from .interpolant import time_grid
 from .memory import auto_chunk_size
 from .models.dit import MFMDiT
 from .sampling import posterior_sample
@@ -181,23 +182,44 @@ class Telemetry:
 
 # ---------------------------------------------------------------------------------------------- paths
 
+def peer_ops():
+    """The peers' op table: the PyTorch reference ops with PyTorch's fused attention (SDPA) in the activation
+    dtype — what a user's plain PyTorch DiT runs. The reference attention (explicit fp32 softmax) is the spec for
+    the tests; as a peer it would be slower and need several times the memory of any model a user would write."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from .models.dit import reference_ops
+
+    def sdpa_attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    return dataclasses.replace(reference_ops(), attention=sdpa_attention, name="torch+sdpa")
+
+
 def build_path(path: str, model: MFMDiT, device, fast_impl: str = "auto") -> tuple[nn.Module, str]:
-    """The model as the path runs it (the module's impl is switched in place), and the implementation in use."""
+    """The model as the path runs it (the module's ops are switched in place), and the implementation in use.
+
+    The compiled peers start from a clean torch.compile state (earlier peers compiled the same code object; their
+    cache entries would otherwise count against Dynamo's recompile limit and silently drop later peers to eager)
+    and compile with static shapes.
+    """
     device = torch.device(device)
     if path == "fast":
         model.set_impl(fast_impl)
         return model, model.ops.name
     model.set_impl("torch")
+    model._ops = peer_ops()  # resolved before any tracing: a lazily resolved table would force a recompile
     naive = NaiveParticles(model)
     if path == "ref":
-        return naive, "torch"
+        return naive, model.ops.name
     backend = "inductor" if device.type == "cuda" else "eager"  # CPU: trace only, no C++ toolchain needed
-    if path == "compile":
-        return torch.compile(naive, backend=backend), "torch"
-    if path == "compile-ro":
-        if device.type != "cuda":
-            return torch.compile(naive, backend=backend), "torch"
-        return torch.compile(naive, mode="reduce-overhead"), "torch"
+    if path in ("compile", "compile-ro"):
+        torch.compiler.reset()
+        if path == "compile-ro" and device.type == "cuda":
+            return torch.compile(naive, mode="reduce-overhead", dynamic=False), model.ops.name
+        return torch.compile(naive, backend=backend, dynamic=False), model.ops.name
     raise ValueError(f"unknown path {path!r}; known: {PATHS}")
 
 
@@ -253,7 +275,7 @@ def profile_path(path: str, model: MFMDiT, states: int, particles: int, steps: i
 def _w3(net, reward, x, y, particles, steps, device, dtype, graphed, warm, repeat) -> dict:
     """ms per steering step (MFM-G ODE); the fast path replays a CUDA graph of the step where it can."""
     from .graphs import GraphCaptureError, GraphedSteerStep, StaticStep
-    grid = torch.linspace(0.01, 1, steps + 1, device=device, dtype=dtype)
+    grid = time_grid(0.01, steps, x)
     step = make_step(net, reward, method="mfm-g", cond={"y": y})
     kw = dict(n_particles=particles, draw_eps=True, draw_xi=False, generator=torch.Generator(device).manual_seed(1))
     stepper, reason = None, None

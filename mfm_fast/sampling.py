@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ._checks import as_time, check_positive_int, check_state, n_per_group
-from .interpolant import bcast
+from .interpolant import bcast, time_grid
 
 
 def event_shape_of(model, x: torch.Tensor) -> tuple:
@@ -90,7 +90,7 @@ def refine_sample(model, noise: torch.Tensor, steps: int = 1, generator: Optiona
     check_state("noise", noise)
     check_positive_int("steps", steps)
     x = noise
-    grid = torch.linspace(0, 1, steps + 1, device=x.device, dtype=x.dtype)
+    grid = time_grid(0.0, steps, x)
     x1 = x
     for j in range(steps):
         x1 = posterior_sample(model, grid[j], x, 1, generator=generator, **cond)[:, 0]
@@ -104,7 +104,7 @@ def refine_sample(model, noise: torch.Tensor, steps: int = 1, generator: Optiona
 def ode_sample(model, noise: torch.Tensor, steps: int = 100, t_start: float = 0.0, **cond) -> torch.Tensor:
     """Euler integration of the unconditional drift b_t from t_start to 1 (the base flow-model sampler)."""
     x = noise
-    grid = torch.linspace(t_start, 1, steps + 1, device=x.device, dtype=x.dtype)
+    grid = time_grid(t_start, steps, x)
     for j in range(steps):
         x = x + (grid[j + 1] - grid[j]) * drift(model, grid[j], x, **cond)
     return x

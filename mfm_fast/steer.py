@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._checks import check_finite_scalar, check_positive_int, check_state
+from .interpolant import time_grid
 from .rewards import CheckedReward, as_reward
 from .value import Cost, CountedModel, CountedReward, _check_model_event, check_chunk_size, check_estimator, \
     estimate
@@ -297,6 +298,25 @@ def _check_common(model, noise, steps, t_start):
     return t_start
 
 
+def check_steer_args(model, noise, steps, t_start, method, n_particles, lam, renorm, renorm_scale, clamp_ratio,
+                     chunk_size, methods=METHODS):
+    """Validate the arguments steer and steer_graphed share -> (t_start, lam, renorm_scale, chunk_size), with
+    chunk_size="auto" resolved once per run (static shapes for CUDA graphs)."""
+    t_start = _check_common(model, noise, steps, t_start)
+    if method not in methods:
+        raise ValueError(f"method must be one of {methods}, got {method!r}")
+    check_positive_int("n_particles", n_particles)
+    lam = check_finite_scalar("lam", lam)
+    if renorm not in RENORMS:
+        raise ValueError(f"renorm must be one of {RENORMS}, got {renorm!r}")
+    renorm_scale = check_finite_scalar("renorm_scale", renorm_scale)
+    _check_clamp(clamp_ratio)
+    if isinstance(chunk_size, str) and chunk_size == "auto":
+        from .memory import auto_chunk_size
+        chunk_size = auto_chunk_size(model, noise.shape[0], n_particles, noise.dtype, noise.device)
+    return t_start, lam, renorm_scale, check_chunk_size(chunk_size)
+
+
 def _check_clamp(clamp_ratio):
     if clamp_ratio is not None and not check_finite_scalar("clamp_ratio", clamp_ratio) > 0:
         raise ValueError(f"clamp_ratio must be positive or None, got {clamp_ratio}")
@@ -338,19 +358,8 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
     the particles resampled once more by their final weights (the weighted ones are in the `SteerResult`).
     `graph=True` runs `mfm_fast.graphs.steer_graphed` on CUDA, falling back to eager with a warning.
     """
-    t_start = _check_common(model, noise, steps, t_start)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    check_positive_int("n_particles", n_particles)
-    lam = check_finite_scalar("lam", lam)
-    if renorm not in RENORMS:
-        raise ValueError(f"renorm must be one of {RENORMS}, got {renorm!r}")
-    renorm_scale = check_finite_scalar("renorm_scale", renorm_scale)
-    _check_clamp(clamp_ratio)
-    if isinstance(chunk_size, str) and chunk_size == "auto":  # fixed once per run: static shapes for graphs
-        from .memory import auto_chunk_size
-        chunk_size = auto_chunk_size(model, noise.shape[0], n_particles, noise.dtype, noise.device)
-    chunk_size = check_chunk_size(chunk_size)
+    t_start, lam, renorm_scale, chunk_size = check_steer_args(model, noise, steps, t_start, method, n_particles, lam,
+                                                              renorm, renorm_scale, clamp_ratio, chunk_size)
     if search_mode not in SEARCH_MODES:
         raise ValueError(f"search_mode must be one of {SEARCH_MODES}, got {search_mode!r}")
     population = _check_population(population, noise.shape[0])
@@ -374,7 +383,7 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
     cost = Cost(batch=B, nfe=paper_nfe(method, steps, n_particles,
                                        population if search_mode == "global" else 1))
     cmodel, creward = CountedModel(model, cost), CountedReward(reward, cost)
-    grid = torch.linspace(t_start, 1, steps + 1, device=noise.device, dtype=noise.dtype)
+    grid = time_grid(t_start, steps, noise)
     extra = {}
     with torch.no_grad():
         if method == "search":
@@ -421,7 +430,7 @@ def best_of_n(model, reward, noise: torch.Tensor, n: int, steps: int = 250, t_st
     B, ev = noise.shape[0], noise.shape[1:]
     cost = Cost(batch=B, nfe=paper_nfe("best-of-n", steps, n))
     cmodel, creward = CountedModel(model, cost), CountedReward(reward, cost)
-    grid = torch.linspace(t_start, 1, steps + 1, device=noise.device, dtype=noise.dtype)
+    grid = time_grid(t_start, steps, noise)
     x0 = torch.cat([noise[:, None], _randn((B, n - 1, *ev), noise, generator)], dim=1).reshape(B * n, *ev)
     cond_n = {k: (v.repeat_interleave(n, 0) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B else v)
               for k, v in cond.items()}

@@ -1,4 +1,6 @@
 """CUDA-graph steering: CPU fallback and error reasons; on a GPU, replay equals eager and the memory bounds hold."""
+import warnings
+
 import pytest
 import torch
 
@@ -169,7 +171,9 @@ def test_graph_with_default_generator_and_through_steer():
     torch.manual_seed(3)
     eager = steer(model, reward, noise, **kw)
     torch.manual_seed(3)
-    graphed = steer(model, reward, noise, graph=True, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a silent fallback to eager must fail this test
+        graphed = steer(model, reward, noise, graph=True, **kw)
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
 
 
@@ -247,3 +251,45 @@ def test_w4_peak_memory_within_8_gib_for_8_states_by_32_particles():
     torch.cuda.synchronize()
     assert torch.isfinite(g.float()).all()
     assert torch.cuda.max_memory_allocated() <= budget, (chunk, torch.cuda.max_memory_allocated() / 2**30)
+
+
+def test_warm_up_never_steps_past_the_grid():
+    """More warm-up runs than grid steps (steer(steps=1) with the default warmup=2): each run starts at the first
+    grid point, so no step index ever reaches past the grid (on CUDA that would be a device-side assert)."""
+    model = tiny()
+    ev = model.event_shape
+    reward = quadratic_reward(torch.randn(*ev))
+    step = make_step(model, reward, method="mfm-g", cond={"y": torch.tensor([1, 3])})
+    static = StaticStep(step, torch.randn(2, *ev), torch.linspace(0.01, 1, 2), n_particles=2, draw_eps=True,
+                        draw_xi=False, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        static.warm_up(3)
+    assert int(static.idx) == 1 and torch.isfinite(static.x).all()
+
+
+def test_time_grid_keeps_distinct_steps_for_half_precision_states():
+    from mfm_fast.interpolant import time_grid
+    grid = time_grid(0.01, 250, torch.zeros(1, dtype=torch.bfloat16))
+    assert grid.dtype == torch.float32 and grid.unique().numel() == 251
+    assert torch.all(grid[1:] > grid[:-1])
+    assert time_grid(0.0, 4, torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+    # the bf16 linspace it replaces lost 22 of the 250 steps
+    assert torch.linspace(0.01, 1, 251, dtype=torch.bfloat16).unique().numel() < 251
+
+
+def test_guidance_numbers_are_written_on_the_device_and_equal_tensors():
+    from mfm_fast.models.dit import _guidance_weight
+    like = torch.zeros(1, dtype=torch.float64)
+    for w in (2.5, torch.tensor(2.5), [2.5, 2.5, 2.5], None):
+        got = _guidance_weight(w, 3, like)
+        assert got.shape == (3,) and got.dtype == torch.float64
+        torch.testing.assert_close(got, torch.full((3,), 1.0 if w is None else 2.5, dtype=torch.float64))
+
+
+def test_steer_graphed_validates_like_steer():
+    model = tiny()
+    noise = torch.randn(2, *model.event_shape)
+    with pytest.raises(ValueError, match="renorm"):
+        steer_graphed(model, quadratic_reward(noise[0]), noise, steps=2, renorm="bogus")
+    with pytest.raises(ValueError, match="lam"):
+        steer_graphed(model, quadratic_reward(noise[0]), noise, steps=2, lam=float("nan"))

@@ -69,7 +69,7 @@ def test_profile_cli_on_cpu_writes_table_and_json(tmp_path, capsys):
     assert flops == pytest.approx(forward_flops(make_config("MFM-T/2")))
     for path in ("fast", "ref"):
         r = rep["paths"][path]
-        assert r["impl"] == "torch"
+        assert r["impl"] == {"fast": "torch", "ref": "torch+sdpa"}[path]
         w1, w2 = r["W1"], r["W2"]
         assert w1["ms"] > 0 and w2["ms"] > 0 and r["W3"]["ms_per_step"] > 0
         assert r["W3"]["graph"] is False and r["W3"]["graph_error"] is None  # no capture attempted on a CPU
@@ -119,3 +119,28 @@ def test_telemetry_samples_nvml_in_a_background_thread(monkeypatch):
     with cpu:
         pass
     assert cpu.summary() == {"available": False, "reason": "no GPU: NVML telemetry is not sampled on a CPU run"}
+
+
+def test_peers_run_sdpa_and_compiled_peers_do_not_pile_up_recompiles():
+    """The peers are the reference ops with PyTorch's SDPA (what a user's plain model runs), equal to the
+    reference; every compiled peer starts from a clean compile state, so a run of peers never reaches Dynamo's
+    recompile limit (which would silently run later peers eagerly)."""
+    from mfm_fast.profile import build_path
+    from mfm_fast.sampling import call_model
+    model = randomize_(MFMDiT("MFM-T/2", impl="torch", input_size=4, depth=1, encoder_depth=1), std=0.1)
+    ev = model.event_shape
+    G, N = 2, 3
+    s, u, t = torch.rand(G), torch.rand(G), torch.rand(G)
+    xbar, x, y = torch.randn(G * N, *ev), torch.randn(G, *ev), torch.tensor([1, 2])
+    expected = model(s, u, xbar, t, x, y=y)
+    peer, impl = build_path("ref", model, "cpu")
+    assert impl == "torch+sdpa" and model.ops.attention.__name__ == "sdpa_attention"
+    torch.testing.assert_close(call_model(peer, s, u, xbar, t, x, y=y), expected, rtol=1e-5, atol=1e-5)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    for path in ("compile", "compile-ro", "compile", "compile-ro"):
+        compiled, _ = build_path(path, model, "cpu")
+        for _ in range(2):
+            torch.testing.assert_close(call_model(compiled, s, u, xbar, t, x, y=y), expected, rtol=1e-5, atol=1e-5)
+    assert not counters["recompiles"] and not any("recompile_limit" in k for k in counters["stats"])
+    assert counters["stats"]["unique_graphs"] >= 4

@@ -196,6 +196,16 @@ def _resolve_ops(impl: str) -> _Ops:
     return backend.triton_ops() if impl == "triton" else reference_ops()
 
 
+def _guidance_weight(w, G: int, like: torch.Tensor) -> torch.Tensor:
+    """None (1), a number or a tensor -> (G,) on like's device. A number is written on the device (torch.full):
+    as_tensor would copy it from the host, which a CUDA-graph capture forbids."""
+    if w is None:
+        w = 1.0
+    if isinstance(w, (int, float)):
+        return torch.full((G,), float(w), device=like.device, dtype=like.dtype)
+    return torch.as_tensor(w, device=like.device, dtype=like.dtype).expand(G)
+
+
 class MFMDiT(nn.Module):
     """The Meta Flow Map DiT. `MFMDiT("MFM-XL/2")` has the official checkpoint's 313 tensors, 684,286,864 values."""
 
@@ -327,10 +337,8 @@ class MFMDiT(nn.Module):
             if host_checks_allowed(y) and bool(((y < 0) | (y > self.config.num_classes)).any()):
                 raise ValueError(f"y must lie in [0, {self.config.num_classes}] ({self.config.num_classes} = null class)")
             y = y.long()
-        ones = torch.ones(G, device=x.device, dtype=x.dtype)
-        cfg = ones if cfg is None else torch.as_tensor(cfg, device=x.device, dtype=x.dtype).expand(G)
-        x_cond_scale = ones if x_cond_scale is None else torch.as_tensor(x_cond_scale, device=x.device,
-                                                                           dtype=x.dtype).expand(G)
+        cfg = _guidance_weight(cfg, G, x)
+        x_cond_scale = _guidance_weight(x_cond_scale, G, x)
         return s, u, t, y, cfg, x_cond_scale
 
     # ------------------------------------------------------------------ forward
