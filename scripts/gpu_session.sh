@@ -6,7 +6,9 @@
 #   scripts/gpu_session.sh model     # W1 (bench_model) and W5 (bench_kernels)
 #   scripts/gpu_session.sh steer     # W2–W4 (bench_steer)
 #   scripts/gpu_session.sh profile   # the profiler for W2 and W3 shapes with NVML telemetry
-#   scripts/gpu_session.sh table     # RESULTS.md record from the benchmark JSON files of the stages above
+#   scripts/gpu_session.sh table     # RESULTS.md record from the benchmark JSON files of the stages above;
+#                                    # with the device tool each call's $OUT starts empty, so run this stage
+#                                    # where the files were fetched: OUT=<folder with bench_*.json> scripts/...
 #   scripts/gpu_session.sh tune      # W5 fused-op bandwidth with 8 and with 16 warps per row-kernel launch
 # No install step: the GPU image has torch, triton and the test/bench dependencies; this checkout is put on the path.
 set -uo pipefail
