@@ -1,7 +1,7 @@
 """W1 (BENCHMARKS.md): one-step posterior samples X_{0,1}(ε; t, x), batch 256, forward only — MFM-XL/2, bf16.
 
-Paths measured in one process so that ratios come from one run: "ref" (PyTorch reference ops, eager), "compile"
-and "compile-ro" (torch.compile of the reference, default and mode="reduce-overhead"), "fast" (Triton kernels).
+Paths measured in one process so that ratios come from one run: "ref" (PyTorch reference ops with SDPA attention,
+eager), "compile" and "compile-ro" (torch.compile of it, default and mode="reduce-overhead"), "fast" (Triton kernels).
 Rows carry ms, samples/s, TFLOP/s (28·(2·L·D·12D + 4·L²·D) per sample) and % of the bf16 matmul peak measured
 in the same run, peak memory, the GPU name and versions. On a CPU (--benchmark-disable) this is a smoke run: a
 tiny model in fp32, the reference path and one fast-path call under the Triton interpreter.
