@@ -27,12 +27,6 @@ GiB = 2 ** 30
 W4_BUDGET = 8 * GiB
 
 
-def problem(model, states, particles, device, dtype, seed=0):
-    """Context x, times, labels, pre-drawn particle noise (identical work every round) and the reward."""
-    x, t, y, reward, noise = steering_problem(model, states, device, dtype, seed, particles)
-    return x, t, y, noise, reward
-
-
 def w2_shape(device):
     return (8, 32) if device == "cuda" else (2, 2)
 
@@ -52,7 +46,7 @@ def _reset_peak(device):
 def test_w2_value_gradient(benchmark, path, dit, device, dtype, peak, device_info, peer_times):
     B, N = w2_shape(device)
     net, impl = build_path(path, dit, device, fast_impl="triton")
-    x, t, y, noise, reward = problem(dit, B, N, device, dtype)
+    x, t, y, reward, noise = steering_problem(dit, B, device, dtype, particles=N)
     _reset_peak(device)  # before sizing chunks: memory cached by the peers that ran before is not in use
     chunk = auto_chunk_size(dit, B, N, dtype, device) if path == "fast" else None
 
@@ -74,7 +68,7 @@ def test_w3_steering_step(benchmark, path, dit, device, dtype, peak, device_info
     """One MFM-G Doob step (ODE), 1 state × 4 particles; the fast path on a GPU replays a captured graph."""
     B, N = 1, 4
     net, impl = build_path("fast" if path.startswith("fast") else path, dit, device, fast_impl="triton")
-    x, _, y, _, reward = problem(dit, B, N, device, dtype)
+    x, _, y, reward, _ = steering_problem(dit, B, device, dtype)
     steps = 64
     grid = time_grid(0.01, steps, x)
     step = make_step(net, reward, method="mfm-g", cond={"y": y})
@@ -122,7 +116,7 @@ def test_w4_memory_bound_and_particle_capacity(benchmark, dit, device, dtype, pe
     """W2 under an 8 GiB bound (fast path, chunks from free memory and the bound) and the particle capacity."""
     B, N = w2_shape(device)
     net, impl = build_path("fast", dit, device, fast_impl="triton")
-    x, t, y, noise, reward = problem(dit, B, N, device, dtype)
+    x, t, y, reward, noise = steering_problem(dit, B, device, dtype, particles=N)
     if device == "cuda":
         budget = W4_BUDGET
     else:  # the smoke run bounds memory to two rows per call so that chunking is exercised

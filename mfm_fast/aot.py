@@ -304,7 +304,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=["1x1", "8x32"], help="states x particles per workload")
     p.add_argument("--json", help="write the reports here")
     a = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from .backend import interpreter_on
+    if interpreter_on():
         p.error("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     shapes = []

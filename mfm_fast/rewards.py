@@ -27,12 +27,6 @@ def reward_name(fn) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
 
 
-def _checks_possible(r: torch.Tensor) -> bool:
-    # Value checks synchronise with the device, which is impossible inside a CUDA-graph capture and unwanted in
-    # compiled or functorch-transformed code; those callers check the finished samples instead.
-    return host_checks_allowed(r)
-
-
 class CheckedReward:
     """A reward whose every output is validated: a tensor of shape (B,), floating point, all finite.
 
@@ -62,7 +56,9 @@ class CheckedReward:
                              f"got {tuple(r.shape)}")
         if not r.is_floating_point():
             raise TypeError(f"reward {self.name!r} must return a floating-point tensor, got dtype {r.dtype}")
-        if _checks_possible(r):
+        # a value check reads back to the host: skipped inside CUDA-graph capture, compiled or functorch code,
+        # whose callers check the finished samples instead
+        if host_checks_allowed(r):
             bad = int((~torch.isfinite(r.detach())).sum())
             if bad:
                 raise ValueError(f"reward {self.name!r} returned {bad} non-finite value(s) (NaN or ±inf) "

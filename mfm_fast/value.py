@@ -199,10 +199,8 @@ def check_estimator(name: str, estimator) -> str:
     return estimator
 
 
-def check_chunk_size(chunk_size, allow_auto: bool = False):
-    if chunk_size is None or (allow_auto and chunk_size == "auto"):
-        return chunk_size
-    return check_positive_int("chunk_size", chunk_size)
+def check_chunk_size(chunk_size) -> Optional[int]:
+    return None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
 
 
 def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimator: str = "mfm-g", lam: float = 1.0,

@@ -236,17 +236,16 @@ def score_rows(spec: MethodSpec, res, wall: float, target, samples=None, reward=
     row = {"method": spec.label, "N": spec.n if spec.method not in ("none", "dps", "exact") else "–"}
     if res is not None:
         samples = res.samples
-        row.update(distances(samples, target))
-        # samples thrown far outside the data (Euler instability of a stiff steering term) dominate sliced-W2
-        row["far %"] = 100 * float((samples.flatten(1).norm(dim=1) > FAR).float().mean())
+    row.update(distances(samples, target))
+    # samples thrown far outside the data (Euler instability of a stiff steering term) dominate sliced-W2
+    row["far %"] = 100 * float((samples.flatten(1).norm(dim=1) > FAR).float().mean())
+    if res is not None:
         row["mean reward"] = res.mean_reward
         c = res.cost
         row["fwd evals/sample"] = c.forward_evals / max(c.batch, 1)
         row["bwd evals/sample"] = c.backward_evals / max(c.batch, 1)
         row["paper NFE"] = c.nfe if c.nfe is not None else "–"
     else:
-        row.update(distances(samples, target))
-        row["far %"] = 100 * float((samples.flatten(1).norm(dim=1) > FAR).float().mean())
         row["mean reward"] = float(reward(samples).float().mean())
         row.update({"fwd evals/sample": "–", "bwd evals/sample": "–", "paper NFE": "–"})
     row["wall s"] = wall
