@@ -55,3 +55,21 @@ def time_grid(t_start: float, steps: int, like: torch.Tensor) -> torch.Tensor:
     only 229 distinct values (zero and doubled steps), so the grid keeps fp32 whatever the state's dtype."""
     dtype = torch.promote_types(like.dtype, torch.float32)
     return torch.linspace(t_start, 1, steps + 1, device=like.device, dtype=dtype)
+
+
+def merged_observation(s: torch.Tensor, xbar: torch.Tensor, t: torch.Tensor, x: torch.Tensor):
+    """(t*, x*): the single interpolant observation I_{t*} = x* of I1 that carries what Ī_s = x̄ and I_t = x carry
+    together (two looks at one I1 with independent noises; METHOD §2.2). Precisions add,
+    t*/(1−t*) = √(s²/(1−s)² + t²/(1−t)²), computed as t* = r/(r + q) with r = √(t²(1−s)² + s²(1−t)²),
+    q = (1−s)(1−t), and x* = [t(1−s)²·x + s(1−t)²·x̄]/(r(r + q)). s, t: (B,); x̄ may hold N·B rows (particle
+    groups). t = 0 gives (s, x̄); s = 0 gives (t, x); s = t = 0 gives (0, 0)."""
+    tiny = torch.finfo(x.dtype).tiny
+    one_m_s, one_m_t = 1 - s, 1 - t
+    r = torch.hypot(t * one_m_s, s * one_m_t)
+    rq = r + one_m_s * one_m_t
+    t_star = r / rq.clamp_min(tiny)
+    den = (r * rq).clamp_min(tiny)
+    if xbar.shape[0] != x.shape[0]:
+        x = x.repeat_interleave(xbar.shape[0] // x.shape[0], dim=0)
+    x_star = bcast(t * one_m_s ** 2 / den, xbar) * x + bcast(s * one_m_t ** 2 / den, xbar) * xbar
+    return t_star, x_star

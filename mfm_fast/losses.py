@@ -69,27 +69,32 @@ class Draws:
 
 
 def sample_times(batch: int, generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32,
-                 t_zero_prob: float = 0.1, gamma: Optional[float] = None) -> Times:
-    """Context t = U² with probability 1 − t_zero_prob, else exactly 0 (the uninformative context); diagonal
-    s ~ U[0, 1]; consistency pair (s, u) = sorted(U, U'); γ ~ U[0, 1], or the constant `gamma` (½ = shortcut)."""
+                 t_zero_prob: float = 0.1, gamma: Optional[float] = None, t_power: float = 2.0) -> Times:
+    """Context t = U^t_power (default U², as the release; 1: uniform) with probability 1 − t_zero_prob, else exactly
+    0 (the uninformative context); diagonal s ~ U[0, 1]; consistency pair (s, u) = sorted(U, U'); γ ~ U[0, 1], or
+    the constant `gamma` (½ = shortcut)."""
     check_positive_int("batch", batch)
+    check_finite_scalar("t_power", t_power)
+    if t_power <= 0:
+        raise ValueError(f"t_power must be positive, got {t_power}")
     if not 0.0 <= t_zero_prob <= 1.0:
         raise ValueError(f"t_zero_prob must lie in [0, 1], got {t_zero_prob}")
     if gamma is not None and not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1] or be None, got {gamma}")
     r = torch.rand((6, batch), generator=generator, device=device, dtype=dtype)
-    t = torch.where(r[0] < t_zero_prob, torch.zeros_like(r[1]), r[1] ** 2)
+    t = torch.where(r[0] < t_zero_prob, torch.zeros_like(r[1]), r[1] ** t_power)
     s, u = torch.minimum(r[3], r[4]), torch.maximum(r[3], r[4])
     g = r[5] if gamma is None else torch.full_like(r[5], float(gamma))
     return Times(t=t, s_diag=r[2], s=s, u=u, gamma=g)
 
 
 def draw(batch: int, event_shape, generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32,
-         t_zero_prob: float = 0.1, gamma: Optional[float] = None, p_uncond: float = 0.0) -> Draws:
+         t_zero_prob: float = 0.1, gamma: Optional[float] = None, p_uncond: float = 0.0,
+         t_power: float = 2.0) -> Draws:
     """Draw the randomness of a loss on `batch` samples of shape `event_shape` (times, I0, Ī0, label dropout)."""
     if not 0.0 <= p_uncond <= 1.0:
         raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")
-    times = sample_times(batch, generator, device, dtype, t_zero_prob, gamma)
+    times = sample_times(batch, generator, device, dtype, t_zero_prob, gamma, t_power)
     noise = torch.randn((2, batch, *event_shape), generator=generator, device=device, dtype=dtype)
     drop = torch.rand((batch,), generator=generator, device=device) < p_uncond
     return Draws(times, noise[0], noise[1], drop)
@@ -100,12 +105,19 @@ def _sq(delta: torch.Tensor) -> torch.Tensor:
     return delta.to(torch.promote_types(delta.dtype, torch.float32)).pow(2).flatten(1).mean(1)  # (B,)
 
 
-def weighted_mse(delta: torch.Tensor, adaptive_p: Optional[float] = None, c: float = 0.01):
-    """mean_b sg(w_b)·‖Δ_b‖², w_b = (‖Δ_b‖² + c)^(-p) (p = None: plain MSE). Returns (loss, unweighted MSE)."""
+def weighted_mse(delta: torch.Tensor, adaptive_p: Optional[float] = None, c: float = 0.01,
+                 scale: Optional[torch.Tensor] = None):
+    """mean_b sg(w_b)·‖Δ_b‖², w_b = (‖Δ_b‖² + c)^(-p) (p = None: plain MSE). Returns (loss, unweighted MSE).
+
+    scale (B,): measure Δ_b in units of scale_b (the model's output scale, see `mfm_loss(output_units=True)`);
+    the returned MSE stays in absolute units."""
+    if scale is not None:
+        sq_abs = _sq(delta)
+        delta = delta / bcast(scale.to(delta.dtype), delta)
     sq = _sq(delta)
-    mse = sq.mean()
+    mse = sq.mean() if scale is None else sq_abs.mean()
     if adaptive_p is None or adaptive_p == 0:
-        return mse, mse.detach()
+        return sq.mean(), mse.detach()
     w = (sq.detach() + c).pow(-float(adaptive_p))
     return (w * sq).mean(), mse.detach()
 
@@ -156,7 +168,7 @@ def glass_target(teacher_drift: Callable, s: torch.Tensor, xbar: torch.Tensor, t
 
 # ---------------------------------------------------------------------------------------------- diagonal
 def diagonal_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, generator=None,
-                  adaptive_p: Optional[float] = None, **cond):
+                  adaptive_p: Optional[float] = None, error_scale=None, **cond):
     """L_diag = E‖v_{s,s}(Ī_s; t, I_t) − (I1 − Ī0)‖² from data (coupled interpolants sharing I1).
 
     Minimised by the conditional drift E[I1 − Ī0 | Ī_s, I_t] (exactly so with adaptive_p = None)."""
@@ -165,12 +177,12 @@ def diagonal_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, genera
     x = context(tm.t, x1, draws.noise)
     xbar = interpolate(tm.s_diag, draws.noise_bar, x1)
     v = model(tm.s_diag, tm.s_diag, xbar, tm.t, x, **cond)
-    loss, mse = weighted_mse(v - (x1 - draws.noise_bar), adaptive_p)
+    loss, mse = weighted_mse(v - (x1 - draws.noise_bar), adaptive_p, scale=error_scale)
     return loss, {"diag": mse}
 
 
 def distill_diagonal_loss(model, teacher_drift: Callable, x1: torch.Tensor, draws: Optional[Draws] = None,
-                          generator=None, adaptive_p: Optional[float] = None, **cond):
+                          generator=None, adaptive_p: Optional[float] = None, error_scale=None, **cond):
     """Regress v_{s,s}(x̄; t, x) on the GLASS conditional drift of `teacher_drift(t, x, **cond) -> b_t(x)`.
 
     The states (x̄, x) are the coupled interpolants of the samples x1 (data, or teacher samples); the target is
@@ -182,7 +194,7 @@ def distill_diagonal_loss(model, teacher_drift: Callable, x1: torch.Tensor, draw
     xbar = interpolate(s, draws.noise_bar, x1)
     target = glass_target(teacher_drift, s, xbar, tm.t, x, **cond)
     v = model(s, s, xbar, tm.t, x, **cond)
-    loss, mse = weighted_mse(v - target, adaptive_p)
+    loss, mse = weighted_mse(v - target, adaptive_p, scale=error_scale)
     return loss, {"diag": mse}
 
 
@@ -193,7 +205,8 @@ def _states(x1: torch.Tensor, draws: Draws):
 
 
 def lsd_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, generator=None,
-             adaptive_p: Optional[float] = None, target_model=None, **cond):
+             adaptive_p: Optional[float] = None, target_model=None, error_scale=None,
+             **cond):
     """Lagrangian self-distillation: ∂_u X_{s,u}(x̄) = sg(v_{u,u}(X_{s,u}(x̄))), ∂_u by one jvp in u.
 
     target_model: the network evaluated for the stop-gradient target (default: `model`; e.g. its EMA copy)."""
@@ -207,39 +220,40 @@ def lsd_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, generator=N
     X, dX_du = jvp(flow, (u,), (torch.ones_like(u),))
     with torch.no_grad():
         target = (target_model or model)(u, u, X.detach(), t, x, **cond)
-    loss, mse = weighted_mse(dX_du - target, adaptive_p)
+    loss, mse = weighted_mse(dX_du - target, adaptive_p, scale=error_scale)
     return loss, {"cons": mse}
 
 
-def _eulerian(model, vtilde, s, u, t, xbar, x, cond, adaptive_p):
+def _eulerian(model, vtilde, s, u, t, xbar, x, cond, adaptive_p, error_scale=None):
     """v_{s,u}(x̄) against sg(ṽ + (u−s)·(∂_s v + ∇_x̄ v·ṽ)); the bracket is one jvp along (ds, dx̄) = (1, ṽ)."""
     v, dv = jvp(lambda s_, xb_: model(s_, u, xb_, t, x, **cond), (s, xbar), (torch.ones_like(s), vtilde))
     target = (vtilde + bcast(u - s, xbar) * dv).detach()
-    return weighted_mse(v - target, adaptive_p)
+    return weighted_mse(v - target, adaptive_p, scale=error_scale)
 
 
 def meanflow_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, generator=None,
-                  adaptive_p: Optional[float] = None, **cond):
+                  adaptive_p: Optional[float] = None, error_scale=None, **cond):
     """Eulerian (MeanFlow) loss from data: ṽ = I1 − Ī0, an unbiased estimate of the conditional drift at x̄ (the
     target is linear in ṽ)."""
     draws, cond = _prepare(model, x1, draws, generator, cond)
     tm, x, xbar = _states(x1, draws)
-    loss, mse = _eulerian(model, x1 - draws.noise_bar, tm.s, tm.u, tm.t, xbar, x, cond, adaptive_p)
+    loss, mse = _eulerian(model, x1 - draws.noise_bar, tm.s, tm.u, tm.t, xbar, x, cond, adaptive_p, error_scale)
     return loss, {"cons": mse}
 
 
 def esd_teacher_loss(model, teacher_drift: Callable, x1: torch.Tensor, draws: Optional[Draws] = None,
-                     generator=None, adaptive_p: Optional[float] = None, **cond):
+                     generator=None, adaptive_p: Optional[float] = None, error_scale=None, **cond):
     """Eulerian loss with ṽ = the GLASS conditional drift of the teacher at (s, x̄; t, x): zero-variance target."""
     draws, cond = _prepare(model, x1, draws, generator, cond)
     tm, x, xbar = _states(x1, draws)
     vtilde = glass_target(teacher_drift, tm.s, xbar, tm.t, x, **cond)
-    loss, mse = _eulerian(model, vtilde, tm.s, tm.u, tm.t, xbar, x, cond, adaptive_p)
+    loss, mse = _eulerian(model, vtilde, tm.s, tm.u, tm.t, xbar, x, cond, adaptive_p, error_scale)
     return loss, {"cons": mse}
 
 
 def semigroup_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, generator=None,
-                   adaptive_p: Optional[float] = None, target_model=None, **cond):
+                   adaptive_p: Optional[float] = None, target_model=None, error_scale=None,
+             **cond):
     """Progressive self-distillation: v_{s,u}(x̄) = sg(γ·v_{s,w}(x̄) + (1−γ)·v_{w,u}(X_{s,w}(x̄))), w = s + γ(u−s)
     (γ drawn by `draw(..., gamma=None)` ~ U[0, 1]; γ = ½ is the shortcut model). target_model: the network of
     the stop-gradient target (default: `model`)."""
@@ -253,7 +267,7 @@ def semigroup_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, gener
         v2 = teacher(w, u, mid, t, x, **cond)
         target = bcast(g, xbar) * v1 + bcast(1 - g, xbar) * v2
     v = model(s, u, xbar, t, x, **cond)
-    loss, mse = weighted_mse(v - target, adaptive_p)
+    loss, mse = weighted_mse(v - target, adaptive_p, scale=error_scale)
     return loss, {"cons": mse}
 
 
@@ -263,7 +277,7 @@ def mfm_loss(model, x1: torch.Tensor, consistency: str = "meanflow", teacher_dri
              consistency_weight: float = 1.0, adaptive: bool = True, diag_p: float = 0.5, cons_p: float = 1.0,
              t_zero_prob: float = 0.1, gamma: Optional[float] = None, p_uncond: float = 0.1,
              target_model=None, draws: Optional[Draws] = None, generator: Optional[torch.Generator] = None,
-             **cond):
+             output_units: bool = False, t_power: float = 2.0, **cond):
     """L_MFM = L_diag + consistency_weight·L_cons (METHOD §2).
 
     The first B − n_c rows of the batch train the diagonal, the last n_c = round(consistency_fraction·B) rows
@@ -275,7 +289,10 @@ def mfm_loss(model, x1: torch.Tensor, consistency: str = "meanflow", teacher_dri
     diagonal: "data" (coupled interpolants) or "distill" (GLASS target of `teacher_drift`).
     teacher_drift(t, x, **cond) -> b_t(x). adaptive: weights with p = diag_p / cons_p (else plain MSE).
     target_model: network of the bootstrapped targets of "lsd" / "semigroup" (default: `model`).
-    `draws` fixes all randomness (see `draw`); otherwise it is drawn from `generator`.
+    `draws` fixes all randomness (see `draw`); otherwise it is drawn from `generator` (context t = U^t_power).
+    output_units: measure every residual in units of `model.error_scale(t)` (B,), the scale of the network's own
+    output at context time t (a preconditioned model's posterior spread), so that every t weighs alike, as
+    EDM's loss weight 1/c_out² does; the logged MSEs stay in absolute units.
     """
     check_state("x1", x1)
     if consistency not in CONSISTENCY:
@@ -295,14 +312,20 @@ def mfm_loss(model, x1: torch.Tensor, consistency: str = "meanflow", teacher_dri
         n_consistency = 0
     if not 0 <= n_consistency <= B:
         raise ValueError(f"n_consistency must lie in [0, {B}], got {n_consistency}")
+    if output_units and not callable(getattr(model, "error_scale", None)):
+        raise ValueError(f"output_units=True needs model.error_scale(t); {type(model).__name__} has none "
+                         "(MFMMLP has it when built with sigma_data)")
     if draws is None:
         draws = draw(B, x1.shape[1:], generator, x1.device, x1.dtype, t_zero_prob, gamma,
-                     p_uncond if cond.get("y") is not None else 0.0)
+                     p_uncond if cond.get("y") is not None else 0.0, t_power)
     n_d = B - n_consistency
     dp, cp = (diag_p, cons_p) if adaptive else (None, None)
 
     def rows(sl):
-        return {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B else v) for k, v in cond.items()}
+        out = {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B else v) for k, v in cond.items()}
+        if output_units:
+            out["error_scale"] = model.error_scale(draws.times.t[sl]).detach()
+        return out
 
     total = x1.new_zeros((), dtype=torch.float32)
     logs = {}

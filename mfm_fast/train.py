@@ -68,6 +68,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated weights, averaged grads) or "fsdp" (FSDP2)
     ema_targets: bool = False  # bootstrapped targets ("lsd", "semigroup") from the EMA network
+    output_units: bool = False  # residuals in units of model.error_scale(t) (see losses.mfm_loss)
+    t_power: float = 2.0  # context time t = U^t_power (2: the release's U²; 1: uniform)
 
     def __post_init__(self):
         for name in ("steps", "batch", "log_every"):
@@ -76,10 +78,13 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "consistency_weight", "diag_p", "cons_p"):
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "consistency_weight", "diag_p", "cons_p",
+                     "t_power"):
             check_finite_scalar(name, getattr(self, name))
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.t_power <= 0:
+            raise ValueError(f"t_power must be positive, got {self.t_power}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.lr_schedule not in SCHEDULES:
@@ -341,7 +346,7 @@ class _Trainer:
         if x1.shape[0] != cfg.batch:
             raise ValueError(f"sample_batch returned {x1.shape[0]} rows, expected {cfg.batch}")
         draws = draw(cfg.batch, x1.shape[1:], gen, "cpu", torch.float32, cfg.t_zero_prob, cfg.gamma,
-                     cfg.p_uncond if cond.get("y") is not None else 0.0)
+                     cfg.p_uncond if cond.get("y") is not None else 0.0, cfg.t_power)
         return x1, cond, draws
 
     def train_step(self) -> dict:
@@ -360,7 +365,8 @@ class _Trainer:
                                   n_consistency=self.parts[1] // self.dist.world_size,
                                   consistency_weight=cfg.consistency_weight, adaptive=cfg.adaptive,
                                   diag_p=cfg.diag_p, cons_p=cfg.cons_p, draws=draws,
-                                  target_model=self.ema if cfg.ema_targets else None, **cond)
+                                  target_model=self.ema if cfg.ema_targets else None,
+                                  output_units=cfg.output_units, **cond)
         loss.backward()
         if not self.fsdp:
             D.all_reduce_grads(self.params)

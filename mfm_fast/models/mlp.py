@@ -1,16 +1,29 @@
 """MFMMLP: a Meta Flow Map for vector data (GMM experiments, tests).
 
-v_{s,u}(x̄; t, x) = MLP([x̄, x, φ(s), φ(u), φ(t)]) with Fourier time features φ. Context rows may be shared by
-particle groups (xbar has N·B rows for B context rows).
+Plain (sigma_data=None): v_{s,u}(x̄; t, x) = MLP([x̄, x, φ(s), φ(u), φ(t)]) with Fourier time features φ.
+
+Preconditioned (sigma_data=σ): v = v_gauss + κ(t)·MLP(normalised inputs), where v_gauss is the exact average
+velocity of the meta flow map for data N(0, σ²I) and κ(t) that data's posterior std. It plays the part of EDM's
+c_skip/c_out: the posterior p(x1 | x_t) shrinks to a point as t → 1, with spread ≈ (1−t)/t, so a network that
+outputs x1 in absolute units would need ever finer precision. Here the network only learns the departure from the
+Gaussian answer, in units of the posterior spread, from inputs of unit scale at every (s, t):
+    μ(t, x) = tσ²x / c(t),  κ(t)² = σ²(1−t)² / c(t),  c(t) = t²σ² + (1−t)²     (Gaussian posterior N(μ, κ²I))
+    γ_s² = (1−s)² + s²κ²                                (inner marginal N(sμ, γ_s²I) of x̄_s)
+    X^gauss_{s,u}(x̄) = uμ + (γ_u/γ_s)(x̄ − sμ),  v_gauss = μ + [(γ_u − γ_s)/(u−s)]·(x̄ − sμ)/γ_s,
+with (γ_u − γ_s)/(u − s) = [(u+s−2) + (u+s)κ²]/(γ_u + γ_s): exact on the diagonal u = s, no cancellation.
+At t = 0 (x = 0) it is the flow map of N(0, σ²I) itself. Context rows may be shared by particle groups (xbar has
+N·B rows for B context rows).
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from .._checks import as_time, check_state, n_per_group
+from ..interpolant import merged_observation
 
 
 def fourier_features(t: torch.Tensor, n_freq: int) -> torch.Tensor:
@@ -20,16 +33,38 @@ def fourier_features(t: torch.Tensor, n_freq: int) -> torch.Tensor:
     return torch.cat([t[:, None], torch.sin(a), torch.cos(a)], dim=-1)
 
 
+def gaussian_meta_flow(sigma: float, s: torch.Tensor, u: torch.Tensor, t: torch.Tensor, x: torch.Tensor):
+    """Terms of the exact meta flow map of N(0, σ²I) data, per context row (G,).
+
+    Returns (μ (G, d), κ (G,), γ_s (G,), dγ (G,)) with dγ = (γ_u − γ_s)/(u − s), so that
+    v_gauss = μ + dγ·(x̄ − sμ)/γ_s."""
+    var = sigma * sigma
+    c = t * t * var + (1 - t) ** 2
+    mu = (t * var / c)[:, None] * x
+    kappa2 = var * (1 - t) ** 2 / c
+    g_s = ((1 - s) ** 2 + s * s * kappa2).sqrt()
+    g_u = ((1 - u) ** 2 + u * u * kappa2).sqrt()
+    dg = ((u + s - 2) + (u + s) * kappa2) / (g_u + g_s)
+    return mu, kappa2.sqrt(), g_s, dg
+
+
 class MFMMLP(nn.Module):
     supports_particle_groups = True
 
-    def __init__(self, dim: int, hidden: int = 256, depth: int = 4, n_freq: int = 6):
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 4, n_freq: int = 6,
+                 sigma_data: Optional[float] = None, glass_features: bool = False):
         super().__init__()
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"dim, hidden and depth must be positive, got {dim}, {hidden}, {depth}")
+        if n_freq < 0:
+            raise ValueError(f"n_freq must be non-negative, got {n_freq}")
+        if sigma_data is not None and not (math.isfinite(sigma_data) and sigma_data > 0):
+            raise ValueError(f"sigma_data must be a positive finite number or None, got {sigma_data}")
         self.dim, self.hidden, self.depth, self.n_freq = dim, hidden, depth, n_freq
+        self.sigma_data = None if sigma_data is None else float(sigma_data)
+        self.glass_features = bool(glass_features)
         tf = 2 * n_freq + 1
-        self.inp = nn.Linear(2 * dim + 3 * tf, hidden)
+        self.inp = nn.Linear(2 * dim + 3 * tf + (dim + tf if glass_features else 0), hidden)
         self.layers = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(depth - 1)])
         self.out = nn.Linear(hidden, dim)
         self.act = nn.SiLU()
@@ -46,14 +81,53 @@ class MFMMLP(nn.Module):
         G = x.shape[0]
         N = n_per_group("xbar", xbar.shape[0], G)
         s, u, t = (as_time(n, v, G, x) for n, v in (("s", s), ("u", u), ("t", t)))
-        ctx = torch.cat([x, fourier_features(s, self.n_freq), fourier_features(u, self.n_freq),
+
+        def rows(a):  # per-context quantity -> one row per particle
+            return a.repeat_interleave(N, dim=0) if N > 1 else a
+
+        if self.sigma_data is None:
+            x_in, xbar_in = x, xbar
+        else:
+            mu, kappa, g_s, dg = gaussian_meta_flow(self.sigma_data, s, u, t, x)
+            z = (xbar - rows(s[:, None] * mu)) / rows(g_s[:, None])  # x̄ − sμ in units of its Gaussian std
+            x_in = x / (t * t * self.sigma_data ** 2 + (1 - t) ** 2).sqrt()[:, None]  # x_t at unit scale
+            xbar_in = z
+        ctx = torch.cat([x_in, fourier_features(s, self.n_freq), fourier_features(u, self.n_freq),
                          fourier_features(t, self.n_freq)], dim=-1)  # (G, ·)
-        if N > 1:
-            ctx = ctx.repeat_interleave(N, dim=0)
-        h = self.act(self.inp(torch.cat([xbar, ctx], dim=-1)))
+        feats = [xbar_in, rows(ctx)]
+        if self.glass_features:
+            feats += self._glass_features(s, xbar, t, x)
+        h = self.act(self.inp(torch.cat(feats, dim=-1)))
         for layer in self.layers:
             h = h + self.act(layer(h))  # residual: stable for deeper nets at small budgets
-        return self.out(h)
+        out = self.out(h)
+        if self.sigma_data is None:
+            return out
+        return rows(mu) + rows(dg[:, None]) * z + rows(kappa[:, None]) * out
+
+    def error_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) the scale κ(t) of the network's output term (the posterior std of N(0, σ²I) data), floored at
+        1e-2·σ so that t → 1 keeps finite loss weights; for `mfm_loss(output_units=True)`."""
+        if self.sigma_data is None:
+            raise ValueError("error_scale needs a preconditioned MFMMLP (sigma_data)")
+        var = self.sigma_data ** 2
+        kappa = (var * (1 - t) ** 2 / (t * t * var + (1 - t) ** 2)).sqrt()
+        return kappa.clamp_min(1e-2 * self.sigma_data)
+
+    def _glass_features(self, s, xbar, t, x) -> list:
+        # (s, x̄) and (t, x) observe the same I1: their merged observation (t*, x*) is what the conditional drift
+        # b̄_s(x̄; t, x) depends on through the unconditional drift, b̄ = [x* − x̄ + (1−t*)·b_{t*}(x*)]/(1−s)
+        N = xbar.shape[0] // x.shape[0]
+        s_r, t_r = (a.repeat_interleave(N, dim=0) if N > 1 else a for a in (s, t))
+        t_star, x_star = merged_observation(s_r, xbar, t_r, x)
+        var = 1.0 if self.sigma_data is None else self.sigma_data ** 2
+        x_star = x_star / (t_star * t_star * var + (1 - t_star) ** 2).sqrt()[:, None]
+        return [x_star, fourier_features(t_star, self.n_freq)]
 
     def config_dict(self) -> dict:
-        return {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "n_freq": self.n_freq}
+        cfg = {"dim": self.dim, "hidden": self.hidden, "depth": self.depth, "n_freq": self.n_freq}
+        if self.sigma_data is not None:
+            cfg["sigma_data"] = self.sigma_data
+        if self.glass_features:
+            cfg["glass_features"] = True
+        return cfg
