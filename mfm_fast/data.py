@@ -155,6 +155,11 @@ class GaussianMixture:
         self._logw = self.weights.log()
 
     # ------------------------------------------------------------------ basics
+    def rms(self) -> float:
+        """√(E‖x‖²/d): the per-coordinate root mean square, e.g. MFMMLP's sigma_data for centred data."""
+        second = (self.covs.diagonal(dim1=-2, dim2=-1).sum(-1) + self.means.pow(2).sum(-1)) * self.weights
+        return float(second.sum() / self.dim) ** 0.5
+
     @property
     def dim(self) -> int:
         return self.means.shape[1]
@@ -434,6 +439,52 @@ class ExactGaussianMFM(torch.nn.Module):
         s = as_time("s", s, G, xbar)
         u = as_time("u", u, G, xbar)
         return xbar + (u - s).repeat_interleave(N)[:, None] * v
+
+
+class ExactPosteriorMFM(torch.nn.Module):
+    """Closed-form posterior samples of a GaussianMixture behind the model protocol, for the one-step call only:
+    X_{0,1}(ε; t, x) = m_k(t, x) + L_k(t)·ε with the component k ~ π_k(t, x) drawn from this module's own
+    generator. It is exact in law, so feeding it to an estimator in place of a learned MFM separates the
+    estimator's error from the model's ("exact posterior" rows of the demo and `experiment gmm`).
+
+    Not a transport map (k does not depend on ε) and differentiable in x only through the component means, so it
+    sets `pathwise = False` and the pathwise estimator MFM-G refuses it; use MFM-GF, or `glass.GlassFlowMap`
+    with the exact drift for a pathwise exact map. `drift` (the t = 0 diagonal) is the mixture's exact drift."""
+
+    supports_particle_groups = True
+    pathwise = False
+
+    def __init__(self, gmm: GaussianMixture, seed: int = 0):
+        super().__init__()
+        self.gmm = gmm
+        self.seed = seed
+        self._gen = None
+
+    @property
+    def event_shape(self) -> tuple:
+        return (self.gmm.dim,)
+
+    def forward(self, s, u, xbar: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
+        d = self.gmm.dim
+        check_state("x", x, (d,))
+        check_state("xbar", xbar, (d,))
+        G = x.shape[0]
+        N = n_per_group("xbar", xbar.shape[0], G)
+        s, u, t = (as_time(name, v, G, x) for name, v in (("s", s), ("u", u), ("t", t)))
+        if bool(((s == u) & (t == 0)).all()):  # the unconditional drift b_s(x̄)
+            return self.gmm.drift(s.repeat_interleave(N), xbar)
+        if not bool(((s == 0) & (u == 1)).all()):
+            raise ValueError("ExactPosteriorMFM answers the one-step call (s, u) = (0, 1) and the t = 0 diagonal "
+                             "only")
+        if self._gen is None or self._gen.device != x.device:
+            self._gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        post = self.gmm.posterior(t, x.to(self.gmm.dtype))
+        k = torch.multinomial(post.weights.detach(), N, replacement=True, generator=self._gen)  # (G, N)
+        mu = post.means.gather(1, k[:, :, None].expand(G, N, d))  # (G, N, d)
+        scale = post.scales.gather(1, k[:, :, None, None].expand(G, N, d, d))  # (G, N, d, d)
+        eps = xbar.to(self.gmm.dtype).view(G, N, d)
+        x1 = mu + torch.einsum("gnij,gnj->gni", scale, eps)
+        return (x1.reshape(G * N, d) - xbar.to(x1.dtype)).to(xbar.dtype)
 
 
 def load_digits(dtype: torch.dtype = torch.float32):

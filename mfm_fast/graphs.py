@@ -229,7 +229,7 @@ def steer_graphed(model, reward, noise: torch.Tensor, steps: int = 250, method: 
                   n_particles: int = 1, lam: float = 1.0, sde: bool = False, renorm: Optional[str] = None,
                   t_start: float = 0.01, generator: Optional[torch.Generator] = None, return_result: bool = False, *,
                   renorm_scale: float = 1.0, clamp_ratio: Optional[float] = 25.0, chunk_size: Optional[int] = None,
-                  progress: Optional[bool] = None, warmup: int = 2, **kwargs):
+                  progress: Optional[bool] = None, warmup: int = 2, posterior_steps: int = 1, **kwargs):
     """`steer` with each step replayed from one CUDA graph; same arguments, same results for the same seed.
 
     Supports methods "none", "mfm-g", "mfm-gf", "dps" (ODE or SDE, with renorm). Raises GraphCaptureError when
@@ -250,7 +250,7 @@ def steer_graphed(model, reward, noise: torch.Tensor, steps: int = 250, method: 
     B = noise.shape[0]
     grid = time_grid(t_start, steps, noise)
     step_kw = dict(method=method, sde=sde, lam=lam, renorm=renorm, renorm_scale=renorm_scale,
-                   clamp_ratio=clamp_ratio, chunk_size=chunk_size, cond=cond)
+                   clamp_ratio=clamp_ratio, chunk_size=chunk_size, cond=cond, posterior_steps=posterior_steps)
     # one step's work is counted while it is captured; every replay repeats exactly that work
     per_step = Cost()
 
@@ -263,7 +263,7 @@ def steer_graphed(model, reward, noise: torch.Tensor, steps: int = 250, method: 
         graphed = GraphedSteerStep(step, noise, grid, n_particles=n_particles,
                                    draw_eps=method in ("mfm-g", "mfm-gf"), draw_xi=sde, generator=generator,
                                    warmup=warmup, before_capture=count_capture_only)
-    cost = Cost(batch=B, nfe=paper_nfe(method, steps, n_particles))
+    cost = Cost(batch=B, nfe=paper_nfe(method, steps, n_particles, posterior_steps=posterior_steps))
     for field in ("forward_calls", "forward_evals", "backward_evals", "reward_evals"):
         setattr(cost, field, getattr(per_step, field) * steps)
     for _ in _progress(range(steps), progress, f"steer[{method}, graph]"):

@@ -31,7 +31,7 @@ from ._checks import check_finite_scalar, check_positive_int, check_state
 from .interpolant import time_grid
 from .rewards import CheckedReward, as_reward
 from .value import Cost, CountedModel, CountedReward, _check_model_event, check_chunk_size, check_estimator, \
-    estimate
+    check_pathwise, estimate
 
 METHODS = ("none", "mfm-g", "mfm-gf", "dps", "search", "smc")
 RENORMS = (None, "rescale", "clip")
@@ -55,9 +55,11 @@ class SteerResult:
         return float(self.rewards.float().mean())
 
 
-def paper_nfe(method: str, steps: int, n_particles: int, search_particles: int = 1) -> Optional[int]:
-    """NFE per output sample as the paper reports it (METHOD §3); None where the paper defines none (DPS)."""
-    K, N = steps, n_particles
+def paper_nfe(method: str, steps: int, n_particles: int, search_particles: int = 1,
+              posterior_steps: int = 1) -> Optional[int]:
+    """NFE per output sample as the paper reports it (METHOD §3); None where the paper defines none (DPS).
+    posterior_steps = m: each one-step sample of the estimators costs m evaluations instead of one."""
+    K, N = steps, n_particles * (posterior_steps if method in ("mfm-g", "mfm-gf", "smc") else 1)
     if method == "none":
         return K
     if method == "mfm-gf":
@@ -116,7 +118,8 @@ def dps_grad(model, reward, t: torch.Tensor, x: torch.Tensor, lam: float, cond: 
 
 
 def guided_drift(model, reward, x, t, eps, *, method: str, sde: bool, lam: float, renorm: Optional[str],
-                 renorm_scale: float, clamp_ratio: Optional[float], chunk_size: Optional[int], cond: dict):
+                 renorm_scale: float, clamp_ratio: Optional[float], chunk_size: Optional[int], cond: dict,
+                 posterior_steps: int = 1):
     """The steered drift at (t, x). eps (B, N, *event): particle noise for "mfm-g"/"mfm-gf" (else unused)."""
     if method == "dps":
         b, g = dps_grad(model, reward, t, x, lam, cond)
@@ -124,7 +127,7 @@ def guided_drift(model, reward, x, t, eps, *, method: str, sde: bool, lam: float
         b = base_drift(model, t, x, cond)
         g = None
         if method in ("mfm-g", "mfm-gf"):
-            _, g = estimate(model, reward, _full(t, x), x, eps, method, lam, chunk_size, cond)
+            _, g = estimate(model, reward, _full(t, x), x, eps, method, lam, chunk_size, cond, posterior_steps)
     k = _b(steer_ratio(t, clamp_ratio), x)
     if sde:
         tb = _b(t, x)
@@ -150,14 +153,14 @@ def steer_step(model, reward, x, t, dt, eps, xi, *, sde: bool, clamp_ratio: Opti
 
 def make_step(model, reward, *, method: str = "mfm-g", sde: bool = False, lam: float = 1.0,
               renorm: Optional[str] = None, renorm_scale: float = 1.0, clamp_ratio: Optional[float] = 25.0,
-              chunk_size: Optional[int] = None, cond: Optional[dict] = None):
+              chunk_size: Optional[int] = None, cond: Optional[dict] = None, posterior_steps: int = 1):
     """`step(x, t, dt, eps, xi) -> x_next` for methods "none", "mfm-g", "mfm-gf", "dps": all inputs are tensors
     (t, dt 0-dim or (B,); eps (B, N, *event) or None; xi (B, *event) or None), no host synchronisation."""
     if method not in ("none", "mfm-g", "mfm-gf", "dps"):
         raise ValueError(f"make_step builds Doob/DPS steps only; got method {method!r}")
     return functools.partial(steer_step, model, reward, method=method, sde=sde, lam=lam, renorm=renorm,
                              renorm_scale=renorm_scale, clamp_ratio=clamp_ratio, chunk_size=chunk_size,
-                             cond=cond or {})
+                             cond=cond or {}, posterior_steps=posterior_steps)
 
 
 def search_step(model, reward, x, t, t_next, eps, xi, *, mode: str, population: int, cond: dict):
@@ -232,7 +235,7 @@ def _run_search(model, reward, x, grid, n_particles, mode, population, generator
 
 
 def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, chunk_size, population,
-             ess_threshold, generator, progress, cond):
+             ess_threshold, generator, progress, cond, posterior_steps=1):
     """Twisted SMC (TDS-style) on the Euler–Maruyama chain of the base SDE.
 
     Proposal q: the Doob-steered Euler–Maruyama step with ∇̂V; base transition p: the same step without ∇̂V (same
@@ -248,7 +251,7 @@ def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, c
 
     def value(t, x_):
         eps = _randn((B, n_particles, *ev), x_, generator)
-        return estimate(model, reward, _full(t, x_), x_, eps, estimator, lam, chunk_size, cond)
+        return estimate(model, reward, _full(t, x_), x_, eps, estimator, lam, chunk_size, cond, posterior_steps)
 
     V, g = value(grid[0], x)
     log_w = V.clone()
@@ -344,7 +347,7 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
           generator: Optional[torch.Generator] = None, graph: bool = False, return_result: bool = False, *,
           renorm_scale: float = 1.0, clamp_ratio: Optional[float] = 25.0, chunk_size: Optional[int] = None,
           search_mode: str = "particle", population: Optional[int] = None, smc_estimator: str = "mfm-g",
-          ess_threshold: float = 0.5, progress: Optional[bool] = None, **cond):
+          ess_threshold: float = 0.5, progress: Optional[bool] = None, posterior_steps: int = 1, **cond):
     """Reward-steered samples (B, *event) from `noise` (B, *event) at t_start, or a `SteerResult`.
 
     method: "none" | "mfm-g" | "mfm-gf" | "dps" (Doob ODE, or SDE if `sde`; module docstring) | "search" |
@@ -357,6 +360,8 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
     density), `smc_estimator` for V̂ and ∇̂V, resamples systematically when ESS < `ess_threshold`·P, and returns
     the particles resampled once more by their final weights (the weighted ones are in the `SteerResult`).
     `graph=True` runs `mfm_fast.graphs.steer_graphed` on CUDA, falling back to eager with a warning.
+    `posterior_steps` = m: the value estimators (MFM-G, MFM-GF, SMC's) draw each one-step sample with the m-step
+    composed flow map, m network calls per particle (counted, and in the paper NFE).
     """
     t_start, lam, renorm_scale, chunk_size = check_steer_args(model, noise, steps, t_start, method, n_particles, lam,
                                                               renorm, renorm_scale, clamp_ratio, chunk_size)
@@ -364,6 +369,9 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
         raise ValueError(f"search_mode must be one of {SEARCH_MODES}, got {search_mode!r}")
     population = _check_population(population, noise.shape[0])
     check_estimator("smc_estimator", smc_estimator)
+    posterior_steps = check_positive_int("posterior_steps", posterior_steps)
+    if method in ("mfm-g", "mfm-gf") or method == "smc":
+        check_pathwise(model, method if method != "smc" else smc_estimator)
     ess_threshold = check_finite_scalar("ess_threshold", ess_threshold)
     if not 0 <= ess_threshold <= 1:
         raise ValueError(f"ess_threshold must lie in [0, 1], got {ess_threshold}")
@@ -374,14 +382,14 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
                       t_start=t_start, generator=generator, return_result=return_result, renorm_scale=renorm_scale,
                       clamp_ratio=clamp_ratio, chunk_size=chunk_size, search_mode=search_mode,
                       population=population, smc_estimator=smc_estimator, ess_threshold=ess_threshold,
-                      progress=progress, **cond)
+                      progress=progress, posterior_steps=posterior_steps, **cond)
         out = _try_graphed(model, reward, noise, kwargs)
         if out is not None:
             return out
 
     B = noise.shape[0]
     cost = Cost(batch=B, nfe=paper_nfe(method, steps, n_particles,
-                                       population if search_mode == "global" else 1))
+                                       population if search_mode == "global" else 1, posterior_steps))
     cmodel, creward = CountedModel(model, cost), CountedReward(reward, cost)
     grid = time_grid(t_start, steps, noise)
     extra = {}
@@ -392,11 +400,11 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
         elif method == "smc":
             x, parts, log_w, log_z, n_res = _run_smc(cmodel, creward, noise, grid, n_particles, lam, smc_estimator,
                                                      clamp_ratio, chunk_size, population, ess_threshold,
-                                                     generator, progress, cond)
+                                                     generator, progress, cond, posterior_steps)
             extra = dict(particles=parts, log_weights=log_w, log_normalizer=log_z, n_resamples=n_res)
         else:
             step_kw = dict(lam=lam, renorm=renorm, renorm_scale=renorm_scale, clamp_ratio=clamp_ratio,
-                           chunk_size=chunk_size, cond=cond)
+                           chunk_size=chunk_size, cond=cond, posterior_steps=posterior_steps)
             x = _run_doob(cmodel, creward, noise, grid, method, sde, n_particles, generator, progress, step_kw)
     return _finish(x, cost, reward, return_result, **extra)
 

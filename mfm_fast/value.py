@@ -21,7 +21,7 @@ import torch
 from ._checks import as_time, check_finite_scalar, check_positive_int, check_state
 from .interpolant import bcast
 from .rewards import CheckedReward, as_reward, reward_name
-from .sampling import call_model
+from .sampling import compose_flow_map
 
 ESTIMATORS = ("mfm-g", "mfm-gf")
 # 1 − t is clamped below by this in the MFM-GF prefactor t/(1−t)² (the release clamps 1 − t ≥ 1e-3).
@@ -128,7 +128,8 @@ def mfmgf_prefactor(t: torch.Tensor) -> torch.Tensor:
 
 
 def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tensor, estimator: str = "mfm-g",
-             lam: float = 1.0, chunk_size: Optional[int] = None, cond: Optional[dict] = None):
+             lam: float = 1.0, chunk_size: Optional[int] = None, cond: Optional[dict] = None,
+             posterior_steps: int = 1):
     """Unvalidated core of `value_and_grad`: t (B,), x (B, *event), noise (B, N, *event) already drawn.
 
     Performs no host synchronisation, so a steering step built on it can be captured in a CUDA graph.
@@ -149,11 +150,10 @@ def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tenso
         for pb in pbs:
             eps = noise[sb, pb].reshape(-1, *ev)
             b, p = i1 - i0, pb.stop - pb.start
-            zeros = torch.zeros_like(ts)
             if estimator == "mfm-g":
                 with torch.enable_grad():
                     xc = xs.clone().requires_grad_(True)
-                    x1 = eps + call_model(model, zeros, zeros + 1, eps, ts, xc, **cs)
+                    x1 = compose_flow_map(model, eps, ts, xc, posterior_steps, **cs)
                     r = (lam * reward(x1)).view(b, p)
                     if not r.requires_grad:
                         raise ValueError(f"reward {reward_name(reward)!r}: no gradient reaches the context x; "
@@ -168,7 +168,7 @@ def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tenso
                 part.append(torch.zeros_like(xs) if g is None else g)
             else:
                 with torch.no_grad():
-                    x1 = (eps + call_model(model, zeros, zeros + 1, eps, ts, xs, **cs)).view(b, p, *ev)
+                    x1 = compose_flow_map(model, eps, ts, xs, posterior_steps, **cs).view(b, p, *ev)
                     r = (lam * reward(x1.reshape(b * p, *ev))).view(b, p)
                     w = torch.softmax(r, dim=1).view(b, p, *([1] * len(ev)))
                     lse.append(torch.logsumexp(r, dim=1))
@@ -199,13 +199,22 @@ def check_estimator(name: str, estimator) -> str:
     return estimator
 
 
+def check_pathwise(model, estimator: str) -> None:
+    """MFM-G differentiates the samples through the map ε ↦ X_{0,1}(ε; t, x); a sampler that is exact only in law
+    (`pathwise = False`, e.g. data.ExactPosteriorMFM) would give a biased gradient."""
+    if estimator == "mfm-g" and getattr(model, "pathwise", True) is False:
+        raise ValueError(f"estimator 'mfm-g' needs a pathwise sampler; {type(model).__name__} is exact only in law "
+                         "(use estimator='mfm-gf', or glass.GlassFlowMap for an exact pathwise map)")
+
+
 def check_chunk_size(chunk_size) -> Optional[int]:
     return None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
 
 
 def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimator: str = "mfm-g", lam: float = 1.0,
                    chunk_size: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                   noise: Optional[torch.Tensor] = None, return_info: bool = False, **cond):
+                   noise: Optional[torch.Tensor] = None, return_info: bool = False, posterior_steps: int = 1,
+                   **cond):
     """Value V̂_t(x) and value gradient ∇̂V_t(x) from `n_particles` one-step posterior samples per state.
 
     t: scalar or (B,) in [0, 1]; x: (B, *event). `estimator`: "mfm-g" (reward gradients through the network's
@@ -214,6 +223,8 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     blocks first, then states; the result equals the unchunked one up to rounding (the noise is drawn once, the
     per-block log-sum-exps and softmax-weighted gradients are merged exactly). `noise`: (B, N, *event) or
     (B·N, *event) with the particles of a state contiguous, used instead of drawing from `generator`.
+    `posterior_steps` = m > 1 draws each sample with the m-step composed flow map (m network calls per particle,
+    counted in the cost) instead of one jump.
     Returns (V (B,), ∇V (x's shape)), or a `ValueResult` with the counted cost if `return_info`.
     """
     check_state("x", x)
@@ -223,6 +234,8 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     N = check_positive_int("n_particles", n_particles)
     lam = check_finite_scalar("lam", lam)
     check_estimator("estimator", estimator)
+    check_pathwise(model, estimator)
+    posterior_steps = check_positive_int("posterior_steps", posterior_steps)
     recompute = False
     if isinstance(chunk_size, str) and chunk_size == "auto":  # the rows that fit the free device memory
         from .memory import plan_chunks
@@ -242,7 +255,7 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     from .memory import recompute_activations
     with recompute_activations(model, enabled=recompute):  # block-level recomputation when chunks would be tiny
         V, g = estimate(CountedModel(model, cost), CountedReward(reward, cost), t, x, noise, estimator, lam,
-                        chunk_size, cond)
+                        chunk_size, cond, posterior_steps)
     if return_info:
         return ValueResult(V, g, cost)
     return V, g

@@ -36,6 +36,27 @@ def test_demo_quick(tmp_path, cache, monkeypatch):
     for method in ("MFM-GF", "Best-of-N"):
         assert w2[method] < 0.7 * base, (method, w2)
     assert int(rows["MFM-G"]["paper NFE"]) == 50 + 4 * 4 * 50  # K + 4NK, K = 50, N = 4
+    # the exact-posterior rows: the same estimators on exact samples must steer towards the target
+    for method in ("MFM-GF, exact posterior", "MFM-G, exact posterior"):
+        assert w2[method] < 0.7 * base, (method, w2)
+
+
+def test_experiment_posterior_quick(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("MFM_FAST_CACHE", str(cache))
+    assert main(["experiment", "posterior", "--quick", "--out", str(tmp_path), "--device", "cpu",
+                 "--recipes", "earlier defaults,exact teacher"]) == 0
+    for name in ("posterior.md", "posterior.csv", "posterior.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    with open(tmp_path / "posterior.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["recipe"], r["K"]) for r in rows) == sorted(
+        (name, k) for name in ("earlier defaults", "exact teacher") for k in ("1", "2", "4"))
+    for r in rows:
+        ratios = [float(r[f"t={t}"]) for t in (0.05, 0.2, 0.5, 0.8, 0.95)]
+        assert all(0.5 < v < 1e4 for v in ratios), r
+        assert float(r["max"]) == max(ratios) and float(r["train s"]) > 0
+    with pytest.raises(SystemExit):
+        main(["experiment", "posterior", "--quick", "--recipes", "nope"])
 
 
 def test_experiment_gmm_quick(tmp_path, cache, monkeypatch):

@@ -158,34 +158,46 @@ QUICK_BUDGET = {"steps": 600, "batch": 256}  # smoke tests: seconds of training,
 
 
 def gmm_mfm(device, quick: bool = False, retrain: bool = False, progress: bool = True, steps: Optional[int] = None,
-            batch: Optional[int] = None):
-    """The GMM Meta Flow Map trained with `train.gmm_defaults()` (with QUICK_BUDGET if `quick`, or explicit
-    `steps` / `batch`), cached under cache_dir() by its configuration.
-    Returns (model in eval mode on device, one-line description)."""
+            batch: Optional[int] = None, recipe=None, return_seconds: bool = False):
+    """The GMM Meta Flow Map trained with `recipe` (default `train.gmm_defaults()`: a flow-matching teacher, then
+    the MFM distilled from it), with QUICK_BUDGET for both stages if `quick`, or explicit MFM `steps` / `batch`;
+    cached under cache_dir() by the whole recipe. Returns (model in eval mode on device, one-line description),
+    and the training time in seconds (recorded in the cached checkpoint) if `return_seconds`."""
     import dataclasses
     import hashlib
     import json
 
     from ..data import paper_gmm
-    from ..models import MFMMLP
-    from ..train import gmm_defaults, load, save, train
-    model_kw, cfg = gmm_defaults()
+    from ..train import gmm_defaults, load, save, train_recipe
+    recipe = dataclasses.replace(recipe or gmm_defaults())
     budget = QUICK_BUDGET if quick else {}
-    budget = {**budget, **{k: v for k, v in (("steps", steps), ("batch", batch)) if v is not None}}
-    cfg = dataclasses.replace(cfg, **budget, device=str(device))
-    spec = {"model": model_kw, "train": {k: v for k, v in dataclasses.asdict(cfg).items()
-                                         if k not in ("device", "log_every", "checkpoint_every")}}
+    recipe.train = dataclasses.replace(recipe.train, **budget, **{k: v for k, v in (("steps", steps),
+                                                                                     ("batch", batch)) if v is not None})
+    if recipe.teacher_train is not None and quick:
+        recipe.teacher_train = dataclasses.replace(recipe.teacher_train, **QUICK_BUDGET)
+    spec = recipe.spec()
     key = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = cache_dir() / f"gmm_mfm_{key}.pt"
     if path.exists() and not retrain:
-        return load(str(path), map_location=device), f"reusing the cached GMM MFM {path}"
-    torch.manual_seed(cfg.seed)
+        model, info = load(str(path), map_location=device), f"reusing the cached GMM MFM {path}"
+        if return_seconds:
+            from ..train import read_checkpoint
+            return model, info, float(read_checkpoint(str(path))["extra"].get("train_seconds", float("nan")))
+        return model, info
     gmm = paper_gmm(dtype=torch.float32)
+    what = {"learned": "a flow-matching teacher, then the MFM distilled from it", "exact": "the MFM distilled from "
+            "the exact drift", "none": "the MFM from data"}[recipe.teacher]
+    print(f"training the GMM MFM ({what}; cached afterwards in {path})", flush=True)
     with timer(device) as elapsed:
-        result = train(MFMMLP(**model_kw), gmm.sample, cfg, progress=progress)
-    save(result.model, str(path), ema=result.ema, train_config=spec["train"])
+        result, teacher = train_recipe(recipe, gmm.sample, exact_drift=gmm.to(device=device).drift,
+                                       progress=progress, device=str(device))
+    save(result.model, str(path), ema=result.ema, recipe=json.loads(json.dumps(spec, default=str)),
+         train_seconds=elapsed())
     model = result.ema.to(device).eval()
-    return model, f"trained the GMM MFM ({cfg.steps} steps of batch {cfg.batch}, {elapsed():.0f} s) -> {path}"
+    steps_txt = (f"teacher {teacher.step} × {recipe.teacher_train.batch} + " if teacher is not None else "") + \
+        f"MFM {result.step} × {recipe.train.batch}"
+    info = f"trained the GMM MFM ({steps_txt} steps, {elapsed():.0f} s) -> {path}"
+    return (model, info, elapsed()) if return_seconds else (model, info)
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -195,6 +207,18 @@ class MethodSpec:
     method: str  # a steer() method, "best-of-n", or "exact" (samples given)
     n: int = 1  # value-estimator particles / search candidates / Best-of-N candidates
     kwargs: dict = field(default_factory=dict)  # extra steer() options (e.g. population for SMC)
+    exact: bool = False  # run on the exact posterior sampler (`exact_posterior_model`) instead of the learned MFM
+
+
+def exact_posterior_model(prob: "Problem", method: str, seed: int = 0, glass_steps: int = 64):
+    """The model an "exact posterior" row feeds to its estimator: the mixture's closed-form posterior samples
+    (data.ExactPosteriorMFM) for MFM-GF, which needs samples only; for the pathwise MFM-G, the exact meta flow map
+    by rollout (glass.GlassFlowMap of the exact drift, `glass_steps` Heun steps)."""
+    from ..data import ExactPosteriorMFM
+    from ..glass import GlassFlowMap
+    if method == "mfm-g":
+        return GlassFlowMap(prob.gmm.drift, glass_steps, event_shape=(prob.gmm.dim,))
+    return ExactPosteriorMFM(prob.gmm, seed=seed + 12345)
 
 
 def run_method(model, reward, noise, spec: MethodSpec, steps: int, lam: float, generator, progress=None, **cond):

@@ -1,8 +1,11 @@
 """`python -m mfm_fast experiment gmm` — the paper's 2-D GMM setup (METHOD §6).
 
-1. Steering quality vs N: sliced-W2 and MMD to the exact tilted target for MFM-G, MFM-GF, SMC, MFM-Search and
-   Best-of-N at N ∈ {1, 4, 16, 64}, with DPS (biased baseline), SMC with a large population as reference, the
-   unsteered base and a second exact draw (the metric's noise floor).
+1. Steering quality vs N (the paper's sweep): sliced-W2 and MMD to the exact tilted target for MFM-G and MFM-GF
+   (ODE and SDE), SMC, MFM-Search and Best-of-N at N ∈ {1, 2, …, 128, 256}, with DPS (ODE and SDE; no N), SMC with a
+   large population as reference, the unsteered base and a second exact draw (the metric's noise floor). The
+   "exact posterior" rows feed the same estimators exact posterior samples (closed form for MFM-GF, the exact
+   meta flow map by GLASS rollout for MFM-G, at N ≤ --exact-g-max): estimator error alone, so the gap to the
+   learned rows is the model's.
 2. ∇V accuracy vs N: Pearson correlation (over states and coordinates) and relative error of the MFM-G / MFM-GF
    value gradients with the exact ∇V_t from the oracle, at several t, on states x_t ~ p_t; DPS for comparison.
 Writes gmm_steering.{md,csv}, gmm_gradV.{md,csv} and gmm.png into --out.
@@ -16,6 +19,7 @@ import torch
 from .common import (
     experiment_parser,
     MethodSpec,
+    exact_posterior_model,
     gmm_mfm,
     out_dir,
     paper_problem,
@@ -30,15 +34,24 @@ COLUMNS = ["method", "N", "sliced-W2", "MMD²", "mean reward", "far %", "fwd eva
            "paper NFE", "wall s"]
 
 
-def steering_methods(ns, smc_reference: int) -> list:
-    specs = [MethodSpec("base (no steering)", "none"), MethodSpec("DPS", "dps")]
+def steering_methods(ns, smc_reference: int, exact_g_max: int = 16) -> list:
+    specs = [MethodSpec("base (no steering)", "none"), MethodSpec("DPS", "dps"),
+             MethodSpec("DPS (SDE)", "dps", kwargs={"sde": True})]
     for n in ns:
-        specs += [MethodSpec("MFM-G", "mfm-g", n), MethodSpec("MFM-GF", "mfm-gf", n),
+        specs += [MethodSpec("MFM-G", "mfm-g", n), MethodSpec("MFM-G (SDE)", "mfm-g", n, {"sde": True}),
+                  MethodSpec("MFM-GF", "mfm-gf", n), MethodSpec("MFM-GF (SDE)", "mfm-gf", n, {"sde": True}),
+                  MethodSpec("MFM-GF, exact posterior", "mfm-gf", n, exact=True),
                   MethodSpec("SMC (MFM-G twist)", "smc", n), MethodSpec("MFM-Search", "search", n),
                   MethodSpec("Best-of-N", "best-of-n", n)]
+        if n <= exact_g_max:
+            specs.append(MethodSpec("MFM-G, exact posterior", "mfm-g", n, exact=True))
     specs.append(MethodSpec(f"SMC reference ({smc_reference} particles)", "smc", 1,
                             {"population": smc_reference}))
     return specs
+
+
+SWEEP = ("MFM-G", "MFM-G (SDE)", "MFM-GF", "MFM-GF (SDE)", "MFM-GF, exact posterior", "MFM-G, exact posterior",
+         "SMC (MFM-G twist)", "MFM-Search", "Best-of-N")
 
 
 def grad_accuracy(model, prob, ts, ns, n_states: int, generator, chunk_size=None) -> list:
@@ -76,10 +89,13 @@ def plot(rows, grad_rows, ns, ts, path):
     base = next(r for r in rows if r["method"] == "base (no steering)")
     floor = next(r for r in rows if r["method"].startswith("exact"))
     for metric, ax in zip(("sliced-W2", "MMD²"), axes[:2]):
-        for label in ("MFM-G", "MFM-GF", "SMC (MFM-G twist)", "MFM-Search", "Best-of-N"):
-            ax.plot(ns, [next(r for r in rows if r["method"] == label and r["N"] == n)[metric] for n in ns],
-                    "o-", label=label)
-        for r, style in ((base, ":"), (next(r for r in rows if r["method"] == "DPS"), "--"), (floor, "-.")):
+        for label in SWEEP:
+            pts = [(r["N"], r[metric]) for r in rows if r["method"] == label]
+            if pts:
+                ax.plot(*zip(*pts), "s--" if "exact" in label else "o-", label=label,
+                        lw=0.8 if "SDE" in label else 1.5)
+        for r, style in ((base, ":"), (next(r for r in rows if r["method"] == "DPS"), "--"),
+                         (next(r for r in rows if r["method"] == "DPS (SDE)"), (0, (1, 3))), (floor, "-.")):
             ax.axhline(r[metric], ls=style, color="gray", label=r["method"])
         ref = next(r for r in rows if r["method"].startswith("SMC reference"))
         ax.axhline(ref[metric], ls="-", color="k", lw=0.8, label=ref["method"])
@@ -110,7 +126,10 @@ def main(argv=None) -> int:
                           train_help="GMM MFM training")
     p.add_argument("--samples", type=int, default=None, help="samples per method (default 1024; quick 128)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 100; quick 50)")
-    p.add_argument("--ns", default=None, help="comma-separated N values (default 1,4,16,64; quick 1,4)")
+    p.add_argument("--ns", default=None,
+                   help="comma-separated N values (default 1,2,4,8,16,32,64,128,256; quick 1,4)")
+    p.add_argument("--exact-g-max", type=int, default=16,
+                   help="largest N with an 'MFM-G, exact posterior' row (its GLASS rollout costs 128 drift calls)")
     p.add_argument("--smc-reference", type=int, default=4096, help="population of the reference SMC run")
     p.add_argument("--ts", default="0.1,0.3,0.5,0.7,0.9", help="times for the ∇V accuracy study")
     p.add_argument("--grad-states", type=int, default=None, help="states per t for ∇V accuracy (default 512)")
@@ -123,7 +142,7 @@ def main(argv=None) -> int:
     quick = args.quick
     n_samples = args.samples or (128 if quick else 1024)
     steps = args.steps or (50 if quick else 100)
-    ns = [int(v) for v in (args.ns or ("1,4" if quick else "1,4,16,64")).split(",")]
+    ns = [int(v) for v in (args.ns or ("1,4" if quick else "1,2,4,8,16,32,64,128,256")).split(",")]
     ts = [float(v) for v in args.ts.split(",")]
     smc_ref = 256 if quick and args.smc_reference == 4096 else args.smc_reference
     n_states = args.grad_states or (64 if quick else 512)
@@ -136,13 +155,15 @@ def main(argv=None) -> int:
     target = prob.tilted.sample(n_samples, generator=gen)
 
     rows = []
-    specs = steering_methods(ns, smc_ref)
+    specs = steering_methods(ns, smc_ref, min(args.exact_g_max, 4) if quick else args.exact_g_max)
     for spec in specs:
         B = spec.kwargs.get("population", n_samples)
         noise = torch.randn(B, 2, generator=gen, device=device)
         kw = {"chunk_size": args.chunk_size} if spec.method in ("mfm-g", "mfm-gf", "smc") else {}
         spec.kwargs.update(kw)
-        res, wall = run_method(model, prob.reward, noise, spec, steps, prob.lam, gen)
+        m = exact_posterior_model(prob, spec.method, args.seed, glass_steps=8 if quick else 64) if spec.exact \
+            else model
+        res, wall = run_method(m, prob.reward, noise, spec, steps, prob.lam, gen)
         rows.append(score_rows(spec, res, wall, target))
         print(f"  {spec.label} N={spec.n}: sliced-W2 {rows[-1]['sliced-W2']:.4f}, {wall:.1f} s", flush=True)
     rows.append(score_rows(MethodSpec("exact target (2nd draw: noise floor)", "exact"), None, float("nan"), target,

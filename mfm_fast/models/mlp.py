@@ -42,7 +42,8 @@ def gaussian_meta_flow(sigma: float, s: torch.Tensor, u: torch.Tensor, t: torch.
     c = t * t * var + (1 - t) ** 2
     mu = (t * var / c)[:, None] * x
     kappa2 = var * (1 - t) ** 2 / c
-    g_s = ((1 - s) ** 2 + s * s * kappa2).sqrt()
+    tiny = torch.finfo(x.dtype).tiny  # γ vanishes only for a point-mass posterior (t = 1) at s = 1
+    g_s = ((1 - s) ** 2 + s * s * kappa2).sqrt().clamp_min(tiny)
     g_u = ((1 - u) ** 2 + u * u * kappa2).sqrt()
     dg = ((u + s - 2) + (u + s) * kappa2) / (g_u + g_s)
     return mu, kappa2.sqrt(), g_s, dg
