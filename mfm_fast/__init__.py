@@ -1,10 +1,14 @@
 """mfm_fast: Meta Flow Maps for PyTorch — one-step posterior sampling, value gradients, steering and fine-tuning.
 
 Public names resolve lazily so that `import mfm_fast` is cheap, imports no Triton and makes no CUDA call.
+`mfm_fast.steer` is always the function; its module is `sys.modules["mfm_fast.steer"]` (or
+`importlib.import_module("mfm_fast.steer")`; `from mfm_fast.steer import ...` works as usual).
 """
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -41,7 +45,7 @@ _EXPORTS = {
     "auto_chunk_size": "mfm_fast.memory",
     "GraphCaptureError": "mfm_fast.graphs",
 }
-_SUBMODULES = {"data", "metrics", "rewards", "losses", "interpolant", "glass", "value", "steer", "finetune",
+_SUBMODULES = {"data", "metrics", "rewards", "losses", "interpolant", "glass", "value", "finetune",
                "train", "backend", "ops", "models", "sampling", "graphs", "experiments",
                "memory", "profile"}
 
@@ -62,3 +66,15 @@ def __getattr__(name: str):
 
 def __dir__():
     return __all__
+
+
+class _Package(types.ModuleType):
+    # Importing the submodule mfm_fast.steer (any `from .steer import ...`, e.g. by graphs, profile, cli) makes the
+    # import system bind it as the package attribute `steer`, shadowing the public function: bind the function.
+    def __setattr__(self, name, value):
+        if name == "steer" and isinstance(value, types.ModuleType):
+            value = value.steer
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -29,7 +29,8 @@ def _common_args(ap: argparse.ArgumentParser, steps: int, n: int) -> None:
                     help="class label (num_classes = the null class; default 281, tabby cat)")
     ap.add_argument("--n", type=int, default=n, help="number of images")
     ap.add_argument("--steps", type=int, default=steps)
-    ap.add_argument("--cfg", type=float, default=2.5, help="guidance scale looked up in the guidance table")
+    ap.add_argument("--cfg", type=float, default=2.5,
+                    help="guidance scale: one of the model's guidance-table weights (release: 1.0, 2.5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="grid.png", help="output PNG grid")
     ap.add_argument("--nrow", type=int, default=8, help="images per grid row")
@@ -48,6 +49,12 @@ def _validate(args) -> None:
 def load_model(path, impl="auto", dtype=torch.float32, device="cpu"):
     from .models.checkpoints import load_official_mfm
     return load_official_mfm(path, impl=impl, dtype=dtype, device=device)
+
+
+def _check_cfg(model, cfg: float) -> None:
+    # before the VAE and reward load: a weight outside the guidance table has no embedding row
+    from .models.dit import check_guidance_weight
+    check_guidance_weight("--cfg", cfg, model.config.class_guidance_ws)
 
 
 def _labels(model, label: int, n: int, device) -> torch.Tensor:
@@ -100,6 +107,7 @@ def sample_main(argv=None) -> int:
     _validate(args)
     dtype = DTYPES[args.dtype]
     model = load_model(args.ckpt, args.impl, dtype, args.device)
+    _check_cfg(model, args.cfg)
     vae = load_vae(args.vae, device=args.device, dtype=dtype)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     noise = torch.randn((args.n, *model.event_shape), generator=g, device=args.device, dtype=dtype)
@@ -172,6 +180,7 @@ def steer_main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
 
     model = load_model(args.ckpt, args.impl, dtype, args.device)
+    _check_cfg(model, args.cfg)
     vae = load_vae(args.vae, device=args.device, dtype=dtype)
     scorer = get_reward_model(args.reward, prompt_template=args.prompt_template, **_reward_kwargs(args))
     prompted = scorer.for_labels([args.label], names_file=args.class_names)  # one prompt for every image

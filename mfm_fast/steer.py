@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from ._checks import check_finite_scalar, check_positive_int, check_state
+from ._checks import check_finite_scalar, check_positive_int, check_state, host_checks_allowed
 from .interpolant import time_grid
 from .rewards import CheckedReward, as_reward
 from .value import Cost, CountedModel, CountedReward, _check_model_event, check_chunk_size, check_estimator, \
@@ -235,7 +235,7 @@ def _run_search(model, reward, x, grid, n_particles, mode, population, generator
 
 
 def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, chunk_size, population,
-             ess_threshold, generator, progress, cond, posterior_steps=1):
+             ess_threshold, generator, progress, cond, posterior_steps=1, renorm=None, renorm_scale=1.0):
     """Twisted SMC (TDS-style) on the Euler–Maruyama chain of the base SDE.
 
     Proposal q: the Doob-steered Euler–Maruyama step with ∇̂V; base transition p: the same step without ∇̂V (same
@@ -243,6 +243,7 @@ def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, c
     initial weight exp(V̂_{t_0}(x_0)); the V̂ telescope, so the final weights target base chain × exp(λ·r) whatever
     the estimation noise, and log Ẑ (product of mean weights over resampling epochs) is unbiased for
     E_chain[exp(λ·r(x_K))]. Systematic resampling within each population when ESS < ess_threshold·P.
+    `renorm` rescales the proposal's steering move against the base SDE drift; p/q corrects the weights for it.
     """
     B, ev = x.shape[0], x.shape[1:]
     P, G = population, x.shape[0] // population
@@ -262,8 +263,12 @@ def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, c
         t, dt = grid[k], grid[k + 1] - grid[k]
         kk = steer_ratio(t, clamp_ratio)
         b = base_drift(model, t, x, cond)
-        mean_p = x + dt * (b + kk * (t * b - x) / (1 - t))
-        mean_q = mean_p + dt * 2 * kk * g
+        base = b + kk * (t * b - x) / (1 - t)
+        mean_p = x + dt * base
+        move = dt * 2 * kk * g
+        if renorm is not None:
+            move = renormalise(dt * base, move, renorm, renorm_scale)
+        mean_q = mean_p + move
         var = 2 * kk * dt
         x = mean_q + torch.sqrt(var) * _randn(x.shape, x, generator)
         log_pq = ((x - mean_q).pow(2).sum(dims) - (x - mean_p).pow(2).sum(dims)) / (2 * var)
@@ -298,6 +303,13 @@ def _check_common(model, noise, steps, t_start):
     t_start = check_finite_scalar("t_start", t_start)
     if not 0 < t_start < 1:
         raise ValueError(f"t_start must lie in (0, 1) (the guidance divides by t), got {t_start}")
+    # Near 1 the (at least fp32) grid rounds interior points to 1 or onto each other: the SDE then divides by
+    # 1 − t = 0 and SMC's transition density by dt = 0.
+    grid = time_grid(t_start, steps, noise)
+    if bool(((grid[1:] <= grid[:-1]).any() | (grid[:-1] >= 1).any())):
+        raise ValueError(f"t_start={t_start} is too close to 1 for steps={steps}: in {grid.dtype} the time grid "
+                         f"linspace(t_start, 1, steps + 1) has repeated points or interior points equal to 1; "
+                         "lower t_start or steps")
     return t_start
 
 
@@ -334,6 +346,26 @@ def _check_population(population, B):
     return population
 
 
+def _check_population_cond(method, population, cond, B):
+    """SMC resampling and global search copy states between the rows of a population: every per-row conditioning
+    tensor (y, a per-row cfg, ...) must then be constant within each population, else chains cross classes."""
+    for name, v in cond.items():
+        if not torch.is_tensor(v) or v.dim() == 0 or v.shape[0] != B or not host_checks_allowed(v):
+            continue
+        rows = v.reshape(B, -1)
+        groups = rows.view(B // population, population, -1)
+        if not bool((groups == groups[:, :1]).all()):
+            # rows sharing a value must be contiguous runs of one length for populations to separate them
+            starts = torch.cat([torch.ones(1, dtype=torch.bool, device=v.device),
+                                (rows[1:] != rows[:-1]).any(1)]).nonzero()[:, 0].tolist() + [B]
+            runs = {b - a for a, b in zip(starts, starts[1:])}
+            hint = (f"e.g. population={runs.pop()}" if len(runs) == 1 else
+                    f"order the rows so that rows sharing {name} are contiguous, in runs of one length")
+            raise ValueError(f"method={method!r} resamples within a population of {population} rows, but {name} "
+                             f"differs within a population, which would move chains across conditionings: pass "
+                             f"population= so that each population holds one {name} (its rows contiguous); {hint}")
+
+
 def _finish(samples, cost, reward, return_result, **extra):
     if not return_result:
         return samples
@@ -352,13 +384,14 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
 
     method: "none" | "mfm-g" | "mfm-gf" | "dps" (Doob ODE, or SDE if `sde`; module docstring) | "search" |
     "smc". `n_particles`: one-step samples per state and step (value estimators, search candidates).
-    `renorm`/`renorm_scale` apply to the Doob and DPS methods.
+    `renorm`/`renorm_scale` apply to the Doob and DPS methods and to SMC's proposal (its weights correct for it).
     `clamp_ratio`: cap on (1−t)/t (None: exact Doob). `chunk_size`: rows per network call in the value estimators.
     `population`: consecutive rows forming one population for "search" with search_mode="global" and for "smc"
-    (default: the whole batch). MFM-Search runs on linspace(t_start, 1, K+1)**2.5 and returns the best one-step
-    sample of the last step. SMC always uses the Euler–Maruyama transition (its weights need a transition
-    density), `smc_estimator` for V̂ and ∇̂V, resamples systematically when ESS < `ess_threshold`·P, and returns
-    the particles resampled once more by their final weights (the weighted ones are in the `SteerResult`).
+    (default: the whole batch); per-row conditioning (e.g. `y`) must be constant within each population.
+    MFM-Search runs on linspace(t_start, 1, K+1)**2.5 and returns the best one-step sample of the last step.
+    SMC always uses the Euler–Maruyama transition (its weights need a transition density), `smc_estimator` for V̂
+    and ∇̂V, resamples systematically when ESS < `ess_threshold`·P, and returns the particles resampled once more
+    by their final weights (the weighted ones are in the `SteerResult`).
     `graph=True` runs `mfm_fast.graphs.steer_graphed` on CUDA, falling back to eager with a warning.
     `posterior_steps` = m: the value estimators (MFM-G, MFM-GF, SMC's) draw each one-step sample with the m-step
     composed flow map, m network calls per particle (counted, and in the paper NFE).
@@ -368,6 +401,8 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
     if search_mode not in SEARCH_MODES:
         raise ValueError(f"search_mode must be one of {SEARCH_MODES}, got {search_mode!r}")
     population = _check_population(population, noise.shape[0])
+    if method == "smc" or (method == "search" and search_mode == "global"):
+        _check_population_cond(method, population, cond, noise.shape[0])
     check_estimator("smc_estimator", smc_estimator)
     posterior_steps = check_positive_int("posterior_steps", posterior_steps)
     if method in ("mfm-g", "mfm-gf") or method == "smc":
@@ -400,7 +435,8 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
         elif method == "smc":
             x, parts, log_w, log_z, n_res = _run_smc(cmodel, creward, noise, grid, n_particles, lam, smc_estimator,
                                                      clamp_ratio, chunk_size, population, ess_threshold,
-                                                     generator, progress, cond, posterior_steps)
+                                                     generator, progress, cond, posterior_steps, renorm,
+                                                     renorm_scale)
             extra = dict(particles=parts, log_weights=log_w, log_normalizer=log_z, n_resamples=n_res)
         else:
             step_kw = dict(lam=lam, renorm=renorm, renorm_scale=renorm_scale, clamp_ratio=clamp_ratio,

@@ -15,11 +15,15 @@ Checkpoints hold plain dicts / tensors / Python scalars only and load with `torc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import glob
 import math
 import os
+import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -61,7 +65,8 @@ class TrainConfig:
     gamma: Optional[float] = None
     p_uncond: float = 0.1
     seed: int = 0
-    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end); needs `out`
+    checkpoint_every: int = 0  # steps between checkpoints (needs `out`); 0 with `out`: every
+    # max(1, min(1000, steps // 10)) steps (`checkpoint_interval`), always also at the end
     log_every: int = 50
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     device: str = "auto"
@@ -115,6 +120,34 @@ class TrainConfig:
         frac = (step - self.warmup) / max(1, self.steps - self.warmup)
         lo = self.lr * self.min_lr_ratio
         return lo + (self.lr - lo) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+# TrainConfig fields a resumed run may change freely: how long, where and how it runs, not what it optimises
+# (the parallel layouts give the same trajectory, and grad checkpointing only trades memory for compute).
+RESUME_FREE = ("steps", "device", "log_every", "checkpoint_every", "grad_checkpointing", "parallel")
+
+
+def checkpoint_interval(cfg: TrainConfig, out: Optional[str]) -> int:
+    """Steps between checkpoints: cfg.checkpoint_every, or with `out` and checkpoint_every = 0 every
+    max(1, min(1000, steps // 10)) steps (a killed run loses at most a tenth of its steps, at most 1000)."""
+    if cfg.checkpoint_every or out is None:
+        return cfg.checkpoint_every
+    return max(1, min(1000, cfg.steps // 10))
+
+
+class TrainingDiverged(RuntimeError):
+    """A logged loss term or the gradient norm went NaN/inf. Raised before any checkpoint of the diverged model is
+    written: the file at `out` keeps the last good state."""
+
+    def __init__(self, step: int, values: dict, out: Optional[str] = None, saved_step: Optional[int] = None):
+        self.step, self.values = step, values
+        self.term = next(iter(values))
+        what = ", ".join(f"{k} = {v}" for k, v in values.items())
+        where = ""
+        if out is not None:
+            where = (f"; {out!r} keeps the last good checkpoint (step {saved_step})" if saved_step is not None
+                     else f"; nothing was written to {out!r}")
+        super().__init__(f"training diverged at step {step}: {what}{where}")
 
 
 @dataclass
@@ -173,9 +206,47 @@ def _cpu_state(module: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(module).state_dict().items()}
 
 
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows: keep its file
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process (or no such pid)
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_stale_tmp(path: str) -> None:
+    """Delete the `<path>.tmp<pid>` files of writers killed mid-save (a live process's write in progress is kept;
+    our own pid's file is from an earlier failed write)."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp*"):
+        m = re.fullmatch(r"\.tmp(\d+)", tmp[len(path):])
+        if m is None or (int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1)))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _check_writable(out: str) -> None:
+    """Create out's directory and write a probe file there, so a bad path fails now, not at the first checkpoint."""
+    if os.path.isdir(out):
+        raise ValueError(f"out={out!r} is a directory; pass a checkpoint file path")
+    directory = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".mfm_fast_probe"):
+            pass
+    except OSError as err:
+        raise ValueError(f"out={out!r}: cannot write checkpoints to {directory!r} "
+                         f"({type(err).__name__}: {err.strerror or err})") from err
+
+
 def _atomic_save(obj: dict, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    _remove_stale_tmp(path)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint behind
@@ -282,6 +353,7 @@ class _Trainer:
         self.opt = _make_optimizer(self.params, cfg)
         self.step = 0
         self.history: list = []
+        self.overrides: list = []  # resumes with changed settings: {"step", "changes": {field: [old, new]}}
         n_c = cfg.n_consistency
         self.parts = (cfg.batch - n_c, n_c)
         world = self.dist.world_size
@@ -298,7 +370,7 @@ class _Trainer:
                 "optimizer": self._optim_state(), "step": self.step, "history": list(self.history),
                 "train_config": dataclasses.asdict(self.cfg),
                 "rng": {"scheme": "per-step generator seeded by (seed, step)", "seed": self.cfg.seed},
-                "world_size": self.dist.world_size, "extra": {}}
+                "world_size": self.dist.world_size, "overrides": list(self.overrides), "extra": {}}
 
     # torch.distributed.checkpoint's state-dict API gives the same plain layout (full tensors on the CPU, optimizer
     # state keyed by parameter name) for a single process, replicated ranks and FSDP2 shards, so a checkpoint
@@ -313,7 +385,7 @@ class _Trainer:
         return get_optimizer_state_dict(self.model, self.opt,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def load_state_dict(self, ckpt: dict, path: str) -> None:
+    def load_state_dict(self, ckpt: dict, path: str, override: bool = False) -> None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
         name, config = _model_spec(self.model)
@@ -322,15 +394,35 @@ class _Trainer:
                              f"not this {name} {config}")
         if "optimizer" not in ckpt or "step" not in ckpt:
             raise ValueError(f"{path!r} is a model file without training state; it cannot be resumed")
-        seed = ckpt.get("train_config", {}).get("seed")
-        if seed != self.cfg.seed:
-            raise ValueError(f"checkpoint {path!r} was trained with seed {seed}, this run has seed {self.cfg.seed}")
+        changes = self._config_changes(ckpt.get("train_config") or {})
+        if changes and not override:
+            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            raise ValueError(f"checkpoint {path!r} was trained with other settings: {what}. Resume with the "
+                             "checkpoint's settings, start afresh (resume=False / --no-resume), or pass "
+                             "override=True (--override) to continue with the new ones")
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, ckpt["model"], options=opts)
         set_optimizer_state_dict(self.model, self.opt, ckpt["optimizer"], options=opts)
         self.ema.load_state_dict(ckpt["ema"])
         self.step = int(ckpt["step"])
         self.history = list(ckpt.get("history", []))
+        self.overrides = list(ckpt.get("overrides", []))
+        if changes:  # recorded in every later checkpoint of this run
+            self.overrides.append({"step": self.step, "changes": {k: list(v) for k, v in changes.items()}})
+
+    def _config_changes(self, stored: dict) -> dict:
+        """{field: (checkpoint's value, this run's)} over the fields that change the optimisation; a field the
+        checkpoint predates counts as its default."""
+        def plain(v):
+            return tuple(v) if isinstance(v, (list, tuple)) else v
+        changes = {}
+        for f in dataclasses.fields(TrainConfig):
+            if f.name in RESUME_FREE:
+                continue
+            old, new = plain(stored.get(f.name, f.default)), plain(getattr(self.cfg, f.name))
+            if old != new:
+                changes[f.name] = (old, new)
+        return changes
 
     def save(self, path: str) -> None:
         state = self.state_dict()  # collective under FSDP: every rank takes part
@@ -397,14 +489,19 @@ class _Trainer:
 
 def train(model: nn.Module, sample_batch: Callable, cfg: Optional[TrainConfig] = None, out: Optional[str] = None,
           resume: bool = True, progress: bool = True, teacher_drift: Optional[Callable] = None,
-          callback: Optional[Callable] = None, desc: str = "train") -> TrainResult:
+          callback: Optional[Callable] = None, desc: str = "train", override: bool = False) -> TrainResult:
     """Train a model following the protocol with `losses.mfm_loss`.
 
     sample_batch(n, generator) -> x1 | (x1, y) | {"x1": x1, **cond}: n data samples (CPU or device) drawn with the
     given CPU generator. Under torchrun every rank draws the global batch and keeps its slice.
-    out: checkpoint file, written every `cfg.checkpoint_every` steps and at the end (rank 0); with resume=True an
-    existing file there is resumed from. teacher_drift(t, x, **cond) -> b_t(x) for consistency="esd" or
-    diagonal="distill". callback(step, logs) runs after every step (logs: floats).
+    out: checkpoint file, written every `checkpoint_interval(cfg, out)` steps and at the end (rank 0); its directory
+    is created and checked for writing first, and stale `<out>.tmp<pid>` files of killed writes are removed. With
+    resume=True an existing file there is resumed from; a checkpoint trained with other settings (TrainConfig
+    fields outside RESUME_FREE) is refused unless override=True, which records the changes in the checkpoint
+    under "overrides". teacher_drift(t, x, **cond) -> b_t(x) for consistency="esd" or diagonal="distill".
+    callback(step, logs) runs after every step (logs: floats).
+    A NaN/inf loss term or gradient norm raises TrainingDiverged (checked when the logs are read back, at least
+    before every checkpoint and before returning), and the diverged model is never saved.
     Returns TrainResult(model, ema, history, step).
     """
     cfg = cfg or TrainConfig()
@@ -412,9 +509,16 @@ def train(model: nn.Module, sample_batch: Callable, cfg: Optional[TrainConfig] =
         raise TypeError("sample_batch must be a callable (n, generator) -> batch")
     if cfg.checkpoint_every and out is None:
         raise ValueError("checkpoint_every > 0 needs an output path `out`")
+    every = checkpoint_interval(cfg, out)
+    if out is not None:
+        _check_writable(out)
+        if D.info().is_main:
+            _remove_stale_tmp(out)
     trainer = _Trainer(model, sample_batch, cfg, teacher_drift)
+    saved_step = None  # the step of the last good checkpoint at `out`
     if out is not None and resume and os.path.exists(out):
-        trainer.load_state_dict(read_checkpoint(out, map_location="cpu"), out)
+        trainer.load_state_dict(read_checkpoint(out, map_location="cpu"), out, override=override)
+        saved_step = trainer.step
     bar = None
     if progress and trainer.dist.is_main:
         from tqdm.auto import tqdm
@@ -422,9 +526,18 @@ def train(model: nn.Module, sample_batch: Callable, cfg: Optional[TrainConfig] =
                    mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets an update every 30 s
     pending = []
 
-    def flush():  # one host sync per logging interval
+    def flush():  # one host sync per logging interval; it runs before every save and before returning
         for step, lg in pending:
-            trainer.history.append({"step": step, **{k: float(v) for k, v in lg.items()}})
+            entry = {"step": step, **{k: float(v) for k, v in lg.items()}}
+            bad = {k: v for k, v in entry.items() if not math.isfinite(v)}
+            if bad:
+                pending.clear()
+                if bar is not None:
+                    bar.close()
+                # loss terms first: a non-finite gradient norm alone means a finite loss had non-finite gradients
+                bad = dict(sorted(bad.items(), key=lambda kv: kv[0] == "grad_norm"))
+                raise TrainingDiverged(step, bad, out, saved_step)
+            trainer.history.append(entry)
         pending.clear()
         if bar is not None and trainer.history:
             h = trainer.history[-1]
@@ -434,13 +547,14 @@ def train(model: nn.Module, sample_batch: Callable, cfg: Optional[TrainConfig] =
     while trainer.step < cfg.steps:
         pending.append((trainer.step + 1, trainer.train_step()))
         last = trainer.step == cfg.steps
-        save_now = out is not None and (last or (cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0))
-        if len(pending) >= cfg.log_every or save_now or callback is not None:
+        save_now = out is not None and (last or (every and trainer.step % every == 0))
+        if len(pending) >= cfg.log_every or save_now or last or callback is not None:
             flush()
         if bar is not None:
             bar.update(1)
         if save_now:
             trainer.save(out)
+            saved_step = trainer.step
         if callback is not None:
             callback(trainer.step, trainer.history[-1])
     if bar is not None:
@@ -450,6 +564,7 @@ def train(model: nn.Module, sample_batch: Callable, cfg: Optional[TrainConfig] =
 
 # ---------------------------------------------------------------------------------------------- presets
 TEACHERS = ("learned", "exact", "none")
+RECIPE_VERSION = 2  # bump when a code change alters what a recipe trains (caches key on the recipe's spec)
 
 
 @dataclass
@@ -471,7 +586,8 @@ class Recipe:
             return None if c is None else {k: v for k, v in dataclasses.asdict(c).items()
                                             if k not in ("device", "log_every", "checkpoint_every")}
         return {"model": self.model, "train": cfg(self.train), "teacher": self.teacher,
-                "teacher_model": self.teacher_model, "teacher_train": cfg(self.teacher_train)}
+                "teacher_model": self.teacher_model, "teacher_train": cfg(self.teacher_train),
+                "version": RECIPE_VERSION}
 
 
 def flow_matching_config(cfg: TrainConfig) -> TrainConfig:
@@ -526,12 +642,13 @@ def teacher_path(out: str) -> str:
 
 
 def train_recipe(recipe: Recipe, sample_batch: Callable, out: Optional[str] = None, exact_drift: Optional[Callable] = None,
-                 resume: bool = True, progress: bool = True, device: Optional[str] = None):
+                 resume: bool = True, progress: bool = True, device: Optional[str] = None, override: bool = False):
     """Run a Recipe: (for teacher "learned") train the flow-matching teacher, then the MFM distilled from it.
 
     exact_drift(t, x) -> b_t(x): needed for teacher "exact". out: the MFM checkpoint (the teacher's goes to
     `teacher_path(out)`); both resume when present. Returns (TrainResult of the MFM, TrainResult of the teacher or
-    None). The models are seeded from their configs' seeds, so a recipe always starts from the same weights."""
+    None). The models are seeded from their configs' seeds, so a recipe always starts from the same weights.
+    override: resume even where the settings changed (see `train`)."""
     from .models import MFMMLP
     train_cfg, teacher_cfg = recipe.train, recipe.teacher_train
     if device is not None:
@@ -548,11 +665,11 @@ def train_recipe(recipe: Recipe, sample_batch: Callable, out: Optional[str] = No
         torch.manual_seed(teacher_cfg.seed)
         teacher_result = train(MFMMLP(**recipe.teacher_model), sample_batch, teacher_cfg,
                                out=None if out is None else teacher_path(out), resume=resume, progress=progress,
-                               desc="train teacher (flow matching)")
+                               desc="train teacher (flow matching)", override=override)
         teacher_drift = model_drift(teacher_result.ema)
     torch.manual_seed(train_cfg.seed)
     result = train(MFMMLP(**recipe.model), sample_batch, train_cfg, out=out, resume=resume, progress=progress,
-                   teacher_drift=teacher_drift, desc="train MFM")
+                   teacher_drift=teacher_drift, desc="train MFM", override=override)
     return result, teacher_result
 
 
@@ -613,7 +730,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--consistency-fraction", type=float)
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="default: every max(1, min(1000, steps // 10)) steps")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--grad-checkpointing", action="store_true")
@@ -628,6 +745,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="digits: DiT config name (default MFM-Digits)")
     p.add_argument("--impl", default="auto", help="DiT kernels: auto | torch | triton")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if --out exists")
+    p.add_argument("--override", action="store_true",
+                   help="resume --out even though training settings changed (the changes are recorded in it)")
     p.add_argument("--no-eval", action="store_true", help="gmm: skip the posterior sliced-W2 report")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -655,7 +774,8 @@ def _run(args, dinfo: D.DistInfo) -> int:
     cfg = dataclasses.replace(cfg, **_overrides(args), device=args.device,
                               bf16=not args.no_bf16, grad_checkpointing=args.grad_checkpointing,
                               parallel=args.parallel)
-    result = train(model, sample_batch, cfg, out=args.out, resume=not args.no_resume, progress=not args.quiet)
+    result = train(model, sample_batch, cfg, out=args.out, resume=not args.no_resume, progress=not args.quiet,
+                   override=args.override)
     if dinfo.is_main:
         last = result.history[-1] if result.history else {}
         print(f"trained {result.step} steps -> {args.out}" + (f" (loss {last['loss']:.4f})" if last else ""))
@@ -688,7 +808,7 @@ def _run_gmm(args, dinfo: D.DistInfo) -> int:
     exact = gmm.to(device=resolve_device(args.device), dtype=torch.float32).drift if args.teacher == "exact" else None
     t0 = time.perf_counter()
     result, teacher = train_recipe(recipe, paper_gmm(dtype=torch.float32).sample, out=args.out, exact_drift=exact,
-                                   resume=not args.no_resume, progress=not args.quiet)
+                                   resume=not args.no_resume, progress=not args.quiet, override=args.override)
     if dinfo.is_main:
         last = result.history[-1] if result.history else {}
         what = f"teacher {teacher.step} steps + MFM " if teacher is not None else ""

@@ -194,9 +194,12 @@ def test_official_forward_matches_the_spec_on_random_weights():
     sd = {k[len(PREFIX):]: v for k, v in raw.items()}
     assert model.config.num_heads == 2 and model.config.encoder_depth == 2 and model.config.time_flip
     inp = inputs()
-    # guidance rows: exact entries, the 1.75 tie (-> 1.0 row), 2.0 (-> 2.5 row), out of range on both sides
-    cfg = torch.tensor([1.0, 2.5, 1.75, 2.0, 7.0])
+    # guidance rows: entries of the table (a weight outside it has no row: the model refuses what the release snaps)
+    cfg = torch.tensor([1.0, 2.5, 1.0, 2.5, 2.5])
     got = model(inp["s"], inp["u"], inp["xbar"], inp["t"], inp["x"], y=inp["y"], cfg=cfg)
+    with pytest.raises(ValueError, match="cfg must be one of"):
+        model(inp["s"], inp["u"], inp["xbar"], inp["t"], inp["x"], y=inp["y"],
+              cfg=torch.tensor([1.0, 2.5, 1.75, 2.0, 7.0]))
     ref = official_forward(sd, inp["s"], inp["u"], inp["xbar"], inp["t"], inp["x"], inp["y"], cfg, 2, 2, 2)
     assert ref.abs().mean() > 1e-2  # non-degenerate: every path carries signal
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)

@@ -210,7 +210,7 @@ class MethodSpec:
     exact: bool = False  # run on the exact posterior sampler (`exact_posterior_model`) instead of the learned MFM
 
 
-def exact_posterior_model(prob: "Problem", method: str, seed: int = 0, glass_steps: int = 64):
+def exact_posterior_model(prob: "Problem", method: str, seed: int = 0, glass_steps: int = 32):
     """The model an "exact posterior" row feeds to its estimator: the mixture's closed-form posterior samples
     (data.ExactPosteriorMFM) for MFM-GF, which needs samples only; for the pathwise MFM-G, the exact meta flow map
     by rollout (glass.GlassFlowMap of the exact drift, `glass_steps` Heun steps)."""
@@ -232,6 +232,20 @@ def run_method(model, reward, noise, spec: MethodSpec, steps: int, lam: float, g
             res = steer(model, reward, noise, steps=steps, method=spec.method, n_particles=spec.n, lam=lam,
                         generator=generator, return_result=True, progress=progress, **spec.kwargs, **cond)
     return res, elapsed()
+
+
+def diverged(err: Exception) -> bool:
+    """A sampler whose states ran off to NaN/inf: the reward's finite-value check names it."""
+    return isinstance(err, ValueError) and "non-finite" in str(err)
+
+
+def diverged_row(spec: MethodSpec, err: Exception) -> dict:
+    """The table row of a sampler that diverged: recorded with its reason, not dropped and not scored."""
+    nan = float("nan")
+    print(f"  {spec.label} N={spec.n}: diverged ({err})", flush=True)
+    return {"method": spec.label, "N": spec.n if spec.method not in ("none", "dps", "exact") else "–",
+            "sliced-W2": nan, "MMD²": nan, "mean reward": nan, "far %": nan, "fwd evals/sample": "–",
+            "bwd evals/sample": "–", "paper NFE": "–", "wall s": nan, "note": f"diverged: {err}"}
 
 
 def mmd_bandwidths(target: torch.Tensor) -> list:

@@ -16,6 +16,8 @@ import torch
 from .common import (
     experiment_parser,
     MethodSpec,
+    diverged,
+    diverged_row,
     exact_posterior_model,
     gmm_mfm,
     out_dir,
@@ -28,7 +30,7 @@ from .common import (
 )
 
 COLUMNS = ["method", "N", "sliced-W2", "MMD²", "mean reward", "far %", "fwd evals/sample", "bwd evals/sample",
-           "paper NFE", "wall s"]
+           "paper NFE", "wall s", "note"]
 
 
 def demo_methods(n: int, n_smc: int) -> list:
@@ -81,9 +83,15 @@ def main(argv=None) -> int:
 
     rows, panels = [], [("exact tilted target", target)]
     for spec in demo_methods(n, n_smc):
-        m = exact_posterior_model(prob, spec.method, args.seed, glass_steps=8 if quick else 64) if spec.exact \
+        m = exact_posterior_model(prob, spec.method, args.seed, glass_steps=8 if quick else 32) if spec.exact \
             else model
-        res, wall = run_method(m, prob.reward, noise, spec, steps, prob.lam, gen)
+        try:
+            res, wall = run_method(m, prob.reward, noise, spec, steps, prob.lam, gen)
+        except ValueError as err:
+            if not diverged(err):
+                raise
+            rows.append(diverged_row(spec, err))
+            continue
         rows.append(score_rows(spec, res, wall, target))
         panels.append((spec.label if spec.n == 1 else f"{spec.label} (N={spec.n})", res.samples))
         if spec.method == "none":

@@ -19,6 +19,8 @@ import torch
 from .common import (
     experiment_parser,
     MethodSpec,
+    diverged,
+    diverged_row,
     exact_posterior_model,
     gmm_mfm,
     out_dir,
@@ -31,7 +33,7 @@ from .common import (
 )
 
 COLUMNS = ["method", "N", "sliced-W2", "MMD²", "mean reward", "far %", "fwd evals/sample", "bwd evals/sample",
-           "paper NFE", "wall s"]
+           "paper NFE", "wall s", "note"]
 
 
 def steering_methods(ns, smc_reference: int, exact_g_max: int = 16) -> list:
@@ -96,7 +98,8 @@ def plot(rows, grad_rows, ns, ts, path):
                         lw=0.8 if "SDE" in label else 1.5)
         for r, style in ((base, ":"), (next(r for r in rows if r["method"] == "DPS"), "--"),
                          (next(r for r in rows if r["method"] == "DPS (SDE)"), (0, (1, 3))), (floor, "-.")):
-            ax.axhline(r[metric], ls=style, color="gray", label=r["method"])
+            if r[metric] == r[metric]:  # a diverged baseline has no line
+                ax.axhline(r[metric], ls=style, color="gray", label=r["method"])
         ref = next(r for r in rows if r["method"].startswith("SMC reference"))
         ax.axhline(ref[metric], ls="-", color="k", lw=0.8, label=ref["method"])
         ax.set_xscale("log", base=2)
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--ns", default=None,
                    help="comma-separated N values (default 1,2,4,8,16,32,64,128,256; quick 1,4)")
     p.add_argument("--exact-g-max", type=int, default=16,
-                   help="largest N with an 'MFM-G, exact posterior' row (its GLASS rollout costs 128 drift calls)")
+                   help="largest N with an 'MFM-G, exact posterior' row (its GLASS rollout costs 64 drift calls)")
     p.add_argument("--smc-reference", type=int, default=4096, help="population of the reference SMC run")
     p.add_argument("--ts", default="0.1,0.3,0.5,0.7,0.9", help="times for the ∇V accuracy study")
     p.add_argument("--grad-states", type=int, default=None, help="states per t for ∇V accuracy (default 512)")
@@ -161,9 +164,15 @@ def main(argv=None) -> int:
         noise = torch.randn(B, 2, generator=gen, device=device)
         kw = {"chunk_size": args.chunk_size} if spec.method in ("mfm-g", "mfm-gf", "smc") else {}
         spec.kwargs.update(kw)
-        m = exact_posterior_model(prob, spec.method, args.seed, glass_steps=8 if quick else 64) if spec.exact \
+        m = exact_posterior_model(prob, spec.method, args.seed, glass_steps=8 if quick else 32) if spec.exact \
             else model
-        res, wall = run_method(m, prob.reward, noise, spec, steps, prob.lam, gen)
+        try:
+            res, wall = run_method(m, prob.reward, noise, spec, steps, prob.lam, gen)
+        except ValueError as err:
+            if not diverged(err):
+                raise
+            rows.append(diverged_row(spec, err))
+            continue
         rows.append(score_rows(spec, res, wall, target))
         print(f"  {spec.label} N={spec.n}: sliced-W2 {rows[-1]['sliced-W2']:.4f}, {wall:.1f} s", flush=True)
     rows.append(score_rows(MethodSpec("exact target (2nd draw: noise floor)", "exact"), None, float("nan"), target,

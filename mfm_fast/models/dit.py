@@ -196,6 +196,31 @@ def _resolve_ops(impl: str) -> _Ops:
     return backend.triton_ops() if impl == "triton" else reference_ops()
 
 
+# A guidance weight selects one learned embedding row; a value between (or beyond) the trained weights has no
+# embedding, so it is refused rather than snapped to the nearest row.
+GUIDANCE_ATOL = 1e-6
+
+
+def check_guidance_weight(name: str, w, table: tuple) -> None:
+    """w (a number or a tensor; None selects the unguided row) must equal an entry of `table` up to GUIDANCE_ATOL
+    (after rounding the entries to w's dtype). Tensors are read back only where host checks are allowed."""
+    if w is None:
+        return
+    if torch.is_tensor(w):
+        if not host_checks_allowed(w):
+            return
+        values = w.detach().to("cpu", torch.float64).reshape(-1)
+        # entries rounded to w's precision: a bf16 tensor holding 2.3 matches the table's 2.3
+        entries = torch.tensor(table, dtype=w.dtype if w.is_floating_point() else torch.float64).double()
+    else:
+        values, entries = torch.tensor([float(w)], dtype=torch.float64), torch.tensor(table, dtype=torch.float64)
+    dist = (values[:, None] - entries[None, :]).abs().min(dim=1).values  # NaN for NaN inputs
+    bad = ~(dist <= GUIDANCE_ATOL)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be one of the model's guidance weights {table}, got "
+                         f"{values[bad][0].item():.6g}")
+
+
 def _guidance_weight(w, G: int, like: torch.Tensor) -> torch.Tensor:
     """None (1), a number or a tensor -> (G,) on like's device. A number is written on the device (torch.full):
     as_tensor would copy it from the host, which a CUDA-graph capture forbids."""
@@ -292,6 +317,7 @@ class MFMDiT(nn.Module):
 
     # ------------------------------------------------------------------ conditioning (once per group)
     def guidance_index(self, cfg: torch.Tensor, x_cond_scale: torch.Tensor) -> torch.Tensor:
+        # nearest-row lookup; forward has already refused weights outside the tables (check_guidance_weight)
         ci = _nearest(cfg, self.config.class_guidance_ws)
         xi = _nearest(x_cond_scale, self.config.xcond_guidance_ws)
         return ci * len(self.config.xcond_guidance_ws) + xi
@@ -337,6 +363,8 @@ class MFMDiT(nn.Module):
             if host_checks_allowed(y) and bool(((y < 0) | (y > self.config.num_classes)).any()):
                 raise ValueError(f"y must lie in [0, {self.config.num_classes}] ({self.config.num_classes} = null class)")
             y = y.long()
+        check_guidance_weight("cfg", cfg, self.config.class_guidance_ws)
+        check_guidance_weight("x_cond_scale", x_cond_scale, self.config.xcond_guidance_ws)
         cfg = _guidance_weight(cfg, G, x)
         x_cond_scale = _guidance_weight(x_cond_scale, G, x)
         return s, u, t, y, cfg, x_cond_scale

@@ -6,7 +6,8 @@ Preconditioned (sigma_data=σ): v = v_gauss + κ(t)·MLP(normalised inputs), whe
 velocity of the meta flow map for data N(0, σ²I) and κ(t) that data's posterior std. It plays the part of EDM's
 c_skip/c_out: the posterior p(x1 | x_t) shrinks to a point as t → 1, with spread ≈ (1−t)/t, so a network that
 outputs x1 in absolute units would need ever finer precision. Here the network only learns the departure from the
-Gaussian answer, in units of the posterior spread, from inputs of unit scale at every (s, t):
+Gaussian answer, in units of the posterior spread, from inputs of unit scale at every (s, t) (soft-clipped, so
+that far outside the data the model is the Gaussian one):
     μ(t, x) = tσ²x / c(t),  κ(t)² = σ²(1−t)² / c(t),  c(t) = t²σ² + (1−t)²     (Gaussian posterior N(μ, κ²I))
     γ_s² = (1−s)² + s²κ²                                (inner marginal N(sμ, γ_s²I) of x̄_s)
     X^gauss_{s,u}(x̄) = uμ + (γ_u/γ_s)(x̄ − sμ),  v_gauss = μ + [(γ_u − γ_s)/(u−s)]·(x̄ − sμ)/γ_s,
@@ -31,6 +32,16 @@ def fourier_features(t: torch.Tensor, n_freq: int) -> torch.Tensor:
     freqs = math.pi * 2.0 ** torch.arange(n_freq, device=t.device, dtype=t.dtype)
     a = t[:, None] * freqs
     return torch.cat([t[:, None], torch.sin(a), torch.cos(a)], dim=-1)
+
+
+INPUT_BOUND = 4.0  # preconditioned inputs are soft-clipped to about ±4 standard deviations
+
+
+def soft_clip(v: torch.Tensor, bound: float = INPUT_BOUND) -> torch.Tensor:
+    """v/√(1 + (v/bound)²): the identity near 0, saturating at ±bound. Far outside the data (steering can throw a
+    state there) the network's term then stops growing and its input-gradient vanishes, so the model falls back
+    on the Gaussian base instead of extrapolating a slope that feeds back into the value gradient."""
+    return v * torch.rsqrt(1 + (v / bound) ** 2)
 
 
 def gaussian_meta_flow(sigma: float, s: torch.Tensor, u: torch.Tensor, t: torch.Tensor, x: torch.Tensor):
@@ -91,8 +102,8 @@ class MFMMLP(nn.Module):
         else:
             mu, kappa, g_s, dg = gaussian_meta_flow(self.sigma_data, s, u, t, x)
             z = (xbar - rows(s[:, None] * mu)) / rows(g_s[:, None])  # x̄ − sμ in units of its Gaussian std
-            x_in = x / (t * t * self.sigma_data ** 2 + (1 - t) ** 2).sqrt()[:, None]  # x_t at unit scale
-            xbar_in = z
+            x_in = soft_clip(x / (t * t * self.sigma_data ** 2 + (1 - t) ** 2).sqrt()[:, None])  # x_t, unit scale
+            xbar_in = soft_clip(z)
         ctx = torch.cat([x_in, fourier_features(s, self.n_freq), fourier_features(u, self.n_freq),
                          fourier_features(t, self.n_freq)], dim=-1)  # (G, ·)
         feats = [xbar_in, rows(ctx)]
@@ -123,6 +134,8 @@ class MFMMLP(nn.Module):
         t_star, x_star = merged_observation(s_r, xbar, t_r, x)
         var = 1.0 if self.sigma_data is None else self.sigma_data ** 2
         x_star = x_star / (t_star * t_star * var + (1 - t_star) ** 2).sqrt()[:, None]
+        if self.sigma_data is not None:
+            x_star = soft_clip(x_star)
         return [x_star, fourier_features(t_star, self.n_freq)]
 
     def config_dict(self) -> dict:
