@@ -15,7 +15,8 @@ from mfm_fast.sampling import posterior_sample
 # The from-data GMM recipe (teacher "none") at a CI budget (2500 of the 8000 steps; the slow test of this file).
 GMM_TEST = dict(steps=2500, batch=512)
 # Stated tolerance: mean over contexts of SW2(model, exact) ≤ FACTOR × SW2(exact, exact') + ABS. The floor is
-# ≈ 0.10 / 0.04 / 0.013 at t = 0.2 / 0.5 / 0.8 (2048 samples); an untrained network is at 1.3–1.9.
+# ≈ 0.11 / 0.04 / 0.012 at t = 0.2 / 0.5 / 0.8 (2048 samples); measured after training: 0.38 / 0.24 / 0.040.
+# The tight regression guard of the shipped (distilled) recipe is in test_posterior_fidelity.py.
 FACTOR, ABS = 8.0, 0.1
 
 
@@ -46,11 +47,13 @@ def test_gmm_one_step_posterior_close_to_exact():
     result = T.train(MFMMLP(**model_kw), gmm.sample, cfg, progress=False)
     report = _posterior_report(result.ema, gmm)
     print("GMM one-step posterior sliced-W2 (model, floor):", report)
+    before = _posterior_report(untrained, gmm)
+    print("untrained:", before)
     for t, (sw, floor) in report.items():
         assert sw <= FACTOR * floor + ABS, (t, sw, floor)
-    # the bound is tight enough to reject an untrained network: the test can fail
-    for t, (sw, floor) in _posterior_report(untrained, gmm).items():
-        assert sw > FACTOR * floor + ABS, (t, sw, floor)
+        # the preconditioned model starts as the Gaussian meta flow map, which is already fair at large t (≈ 7×
+        # the floor at t = 0.8, where training reaches ≈ 3.4×): training must at least halve the distance there
+        assert sw <= 0.6 * before[t][0], (t, sw, before[t])
 
 
 def _tiny_cfg(**kw):
