@@ -762,7 +762,7 @@ def main(argv=None) -> int:
 
 
 def _run(args, dinfo: D.DistInfo) -> int:
-    from .models import MFMDiT, MFMMLP
+    from .models import MFMDiT
     if args.data == "gmm":
         return _run_gmm(args, dinfo)
     from .data import load_digits

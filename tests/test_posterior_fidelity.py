@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mfm_fast import train as T
-from mfm_fast.data import ExactGaussianMFM, ExactPosteriorMFM, GaussianMixture, paper_gmm
+from mfm_fast.data import ExactGaussianMFM, ExactPosteriorMFM, paper_gmm
 from mfm_fast.glass import GlassFlowMap, glass_drift
 from mfm_fast.interpolant import merged_observation
 from mfm_fast.losses import mfm_loss, sample_times

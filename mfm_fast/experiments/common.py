@@ -248,6 +248,20 @@ def diverged_row(spec: MethodSpec, err: Exception) -> dict:
             "bwd evals/sample": "–", "paper NFE": "–", "wall s": nan, "note": f"diverged: {err}"}
 
 
+def run_scored(model, prob: "Problem", noise, spec: MethodSpec, steps: int, generator, target, seed: int = 0,
+               glass_steps: int = 32):
+    """(table row, SteerResult or None) of one sampler on the GMM problem: on `model`, or on the exact posterior
+    for an "exact posterior" spec; a sampler that diverges gives its `diverged_row` and None."""
+    m = exact_posterior_model(prob, spec.method, seed, glass_steps) if spec.exact else model
+    try:
+        res, wall = run_method(m, prob.reward, noise, spec, steps, prob.lam, generator)
+    except ValueError as err:
+        if not diverged(err):
+            raise
+        return diverged_row(spec, err), None
+    return score_rows(spec, res, wall, target), res
+
+
 def mmd_bandwidths(target: torch.Tensor) -> list:
     """Fixed RBF bandwidths for every comparison with one target: its median pairwise distance × the default
     factors (a per-pair median would give each method its own kernel)."""

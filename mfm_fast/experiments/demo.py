@@ -16,14 +16,11 @@ import torch
 from .common import (
     experiment_parser,
     MethodSpec,
-    diverged,
-    diverged_row,
-    exact_posterior_model,
     gmm_mfm,
     out_dir,
     paper_problem,
     resolve_device,
-    run_method,
+    run_scored,
     scatter_panels,
     score_rows,
     write_table,
@@ -86,16 +83,10 @@ def main(argv=None) -> int:
 
     rows, panels = [], [("exact tilted target", target)]
     for spec in demo_methods(n, n_smc):
-        m = exact_posterior_model(prob, spec.method, args.seed, glass_steps=8 if quick else 32) if spec.exact \
-            else model
-        try:
-            res, wall = run_method(m, prob.reward, noise, spec, steps, prob.lam, gen)
-        except ValueError as err:
-            if not diverged(err):
-                raise
-            rows.append(diverged_row(spec, err))
+        row, res = run_scored(model, prob, noise, spec, steps, gen, target, args.seed, 8 if quick else 32)
+        rows.append(row)
+        if res is None:
             continue
-        rows.append(score_rows(spec, res, wall, target))
         panels.append((spec.label if spec.n == 1 else f"{spec.label} (N={spec.n})", res.samples))
         if spec.method == "none":
             panels.insert(0, panels.pop())  # base samples first

@@ -19,15 +19,12 @@ import torch
 from .common import (
     experiment_parser,
     MethodSpec,
-    diverged,
-    diverged_row,
-    exact_posterior_model,
     gmm_mfm,
     out_dir,
     paper_problem,
     pyplot,
     resolve_device,
-    run_method,
+    run_scored,
     score_rows,
     write_table,
 )
@@ -164,17 +161,10 @@ def main(argv=None) -> int:
         noise = torch.randn(B, 2, generator=gen, device=device)
         kw = {"chunk_size": args.chunk_size} if spec.method in ("mfm-g", "mfm-gf", "smc") else {}
         spec.kwargs.update(kw)
-        m = exact_posterior_model(prob, spec.method, args.seed, glass_steps=8 if quick else 32) if spec.exact \
-            else model
-        try:
-            res, wall = run_method(m, prob.reward, noise, spec, steps, prob.lam, gen)
-        except ValueError as err:
-            if not diverged(err):
-                raise
-            rows.append(diverged_row(spec, err))
-            continue
-        rows.append(score_rows(spec, res, wall, target))
-        print(f"  {spec.label} N={spec.n}: sliced-W2 {rows[-1]['sliced-W2']:.4f}, {wall:.1f} s", flush=True)
+        row, res = run_scored(model, prob, noise, spec, steps, gen, target, args.seed, 8 if quick else 32)
+        rows.append(row)
+        if res is not None:
+            print(f"  {spec.label} N={spec.n}: sliced-W2 {row['sliced-W2']:.4f}, {row['wall s']:.1f} s", flush=True)
     rows.append(score_rows(MethodSpec("exact target (2nd draw: noise floor)", "exact"), None, float("nan"), target,
                            samples=prob.tilted.sample(n_samples, generator=gen), reward=prob.reward))
     write_table(rows, out, "gmm_steering", f"2-D GMM: distance to the exact tilted target ({n_samples} samples, "

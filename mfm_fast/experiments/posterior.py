@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import torch
 
 from .common import experiment_parser, gmm_mfm, out_dir, pyplot, resolve_device, write_table
 
