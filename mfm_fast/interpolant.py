@@ -65,7 +65,9 @@ def merged_observation(s: torch.Tensor, xbar: torch.Tensor, t: torch.Tensor, x: 
     groups). t = 0 gives (s, x̄); s = 0 gives (t, x); s = t = 0 gives (0, 0)."""
     tiny = torch.finfo(x.dtype).tiny
     one_m_s, one_m_t = 1 - s, 1 - t
-    r = torch.hypot(t * one_m_s, s * one_m_t)
+    # √(a² + b² + tiny) rather than hypot: hypot's derivative is NaN at (0, 0), and the ESD loss differentiates
+    # through s (jvp) where s = t = 0 can occur; the tiny term shifts r only when both s, t < 1e-19
+    r = ((t * one_m_s) ** 2 + (s * one_m_t) ** 2 + tiny).sqrt()
     rq = r + one_m_s * one_m_t
     t_star = r / rq.clamp_min(tiny)
     den = (r * rq).clamp_min(tiny)

@@ -239,3 +239,12 @@ def test_quick_recipe_beats_a_stated_floor_ratio():
     for t, (sw, floor) in T.gmm_posterior_sw2(untrained, paper_gmm(), ts=(0.2, 0.5, 0.8), n_contexts=4,
                                               n=1024).items():
         assert sw > 2.5 * floor, (t, sw, floor)
+
+
+def test_merged_observation_features_differentiable_at_the_origin():
+    """The ESD loss takes a jvp in s through the model; at s = t = 0 the (t*, x*) features must stay finite."""
+    model = MFMMLP(2, 16, 2, sigma_data=2.0, glass_features=True).double()
+    z = torch.zeros(3, dtype=F64)
+    x, xbar = torch.zeros(3, 2, dtype=F64), torch.randn(3, 2, dtype=F64)
+    v, dv = torch.func.jvp(lambda s_: model(s_, z + 1, xbar, z, x), (z,), (torch.ones_like(z),))
+    assert torch.isfinite(v).all() and torch.isfinite(dv).all()
