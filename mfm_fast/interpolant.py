@@ -62,7 +62,7 @@ def merged_observation(s: torch.Tensor, xbar: torch.Tensor, t: torch.Tensor, x: 
     together (two looks at one I1 with independent noises; METHOD §2.2). Precisions add,
     t*/(1−t*) = √(s²/(1−s)² + t²/(1−t)²), computed as t* = r/(r + q) with r = √(t²(1−s)² + s²(1−t)²),
     q = (1−s)(1−t), and x* = [t(1−s)²·x + s(1−t)²·x̄]/(r(r + q)). s, t: (B,); x̄ may hold N·B rows (particle
-    groups). t = 0 gives (s, x̄); s = 0 gives (t, x); s = t = 0 gives (0, 0)."""
+    groups). t = 0 gives (s, x̄) (also at s = 0, the limit s → 0); s = 0 < t gives (t, x)."""
     tiny = torch.finfo(x.dtype).tiny
     one_m_s, one_m_t = 1 - s, 1 - t
     # √(a² + b² + tiny) rather than hypot: hypot's derivative is NaN at (0, 0), and the ESD loss differentiates
@@ -74,4 +74,5 @@ def merged_observation(s: torch.Tensor, xbar: torch.Tensor, t: torch.Tensor, x: 
     if xbar.shape[0] != x.shape[0]:
         x = x.repeat_interleave(xbar.shape[0] // x.shape[0], dim=0)
     x_star = bcast(t * one_m_s ** 2 / den, xbar) * x + bcast(s * one_m_t ** 2 / den, xbar) * xbar
-    return t_star, x_star
+    at0 = t < tiny  # the context carries nothing: exactly (s, x̄), with the derivatives of that (no 0/0 at s = 0)
+    return torch.where(at0, s, t_star), torch.where(bcast(at0, xbar), xbar, x_star)

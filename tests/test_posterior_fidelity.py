@@ -82,6 +82,9 @@ def test_merged_observation_reproduces_the_glass_drift():
     ts1, xs1 = merged_observation(z, xbar, t, x)
     torch.testing.assert_close(ts1, t)
     torch.testing.assert_close(xs1, x)
+    ts2, xs2 = merged_observation(z, xbar, z, x)  # s = t = 0: the limit s → 0 of (s, x̄)
+    torch.testing.assert_close(ts2, z)
+    torch.testing.assert_close(xs2, xbar)
 
 
 def test_output_units_scale_the_residuals():
@@ -242,9 +245,12 @@ def test_quick_recipe_beats_a_stated_floor_ratio():
 
 
 def test_merged_observation_features_differentiable_at_the_origin():
-    """The ESD loss takes a jvp in s through the model; at s = t = 0 the (t*, x*) features must stay finite."""
+    """The ESD loss takes a jvp in s through the model; at s = t = 0 the (t*, x*) features must stay finite and
+    continuous with s → 0 (a 3-step training run anchored at s = 0 used to diverge to inf)."""
     model = MFMMLP(2, 16, 2, sigma_data=2.0, glass_features=True).double()
     z = torch.zeros(3, dtype=F64)
     x, xbar = torch.zeros(3, 2, dtype=F64), torch.randn(3, 2, dtype=F64)
     v, dv = torch.func.jvp(lambda s_: model(s_, z + 1, xbar, z, x), (z,), (torch.ones_like(z),))
     assert torch.isfinite(v).all() and torch.isfinite(dv).all()
+    v_eps = model(z + 1e-9, z + 1, xbar, z, x)
+    torch.testing.assert_close(v, v_eps, rtol=1e-6, atol=1e-6)
