@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ._checks import as_time, check_finite_scalar, check_positive_int, check_state
+from ._checks import as_time, check_finite_scalar, check_positive_int, check_state, n_per_group
 from .interpolant import bcast, time_grid
 
 
@@ -129,9 +129,7 @@ class GlassFlowMap(torch.nn.Module):
         check_state("x", x)
         check_state("xbar", xbar, x.shape[1:])
         G = x.shape[0]
-        if xbar.shape[0] % G:
-            raise ValueError(f"xbar has {xbar.shape[0]} rows, which is not a multiple of the {G} context rows")
-        N = xbar.shape[0] // G
+        N = n_per_group("xbar", xbar.shape[0], G)
         s, u, t = (as_time(name, v, G, x).repeat_interleave(N) for name, v in (("s", s), ("u", u), ("t", t)))
         xr = x.repeat_interleave(N, dim=0) if N > 1 else x
         diag = u == s

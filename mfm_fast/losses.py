@@ -111,11 +111,9 @@ def weighted_mse(delta: torch.Tensor, adaptive_p: Optional[float] = None, c: flo
 
     scale (B,): measure Δ_b in units of scale_b (the model's output scale, see `mfm_loss(output_units=True)`);
     the returned MSE stays in absolute units."""
-    if scale is not None:
-        sq_abs = _sq(delta)
-        delta = delta / bcast(scale.to(delta.dtype), delta)
-    sq = _sq(delta)
-    mse = sq.mean() if scale is None else sq_abs.mean()
+    sq_abs = _sq(delta)
+    sq = sq_abs if scale is None else _sq(delta / bcast(scale.to(delta.dtype), delta))
+    mse = sq_abs.mean()
     if adaptive_p is None or adaptive_p == 0:
         return sq.mean(), mse.detach()
     w = (sq.detach() + c).pow(-float(adaptive_p))
@@ -205,8 +203,7 @@ def _states(x1: torch.Tensor, draws: Draws):
 
 
 def lsd_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, generator=None,
-             adaptive_p: Optional[float] = None, target_model=None, error_scale=None,
-             **cond):
+             adaptive_p: Optional[float] = None, target_model=None, error_scale=None, **cond):
     """Lagrangian self-distillation: ∂_u X_{s,u}(x̄) = sg(v_{u,u}(X_{s,u}(x̄))), ∂_u by one jvp in u.
 
     target_model: the network evaluated for the stop-gradient target (default: `model`; e.g. its EMA copy)."""
@@ -252,8 +249,7 @@ def esd_teacher_loss(model, teacher_drift: Callable, x1: torch.Tensor, draws: Op
 
 
 def semigroup_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, generator=None,
-                   adaptive_p: Optional[float] = None, target_model=None, error_scale=None,
-             **cond):
+                   adaptive_p: Optional[float] = None, target_model=None, error_scale=None, **cond):
     """Progressive self-distillation: v_{s,u}(x̄) = sg(γ·v_{s,w}(x̄) + (1−γ)·v_{w,u}(X_{s,w}(x̄))), w = s + γ(u−s)
     (γ drawn by `draw(..., gamma=None)` ~ U[0, 1]; γ = ½ is the shortcut model). target_model: the network of
     the stop-gradient target (default: `model`)."""

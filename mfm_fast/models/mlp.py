@@ -44,13 +44,18 @@ def soft_clip(v: torch.Tensor, bound: float = INPUT_BOUND) -> torch.Tensor:
     return v * torch.rsqrt(1 + (v / bound) ** 2)
 
 
+def marginal_var(sigma: float, t: torch.Tensor) -> torch.Tensor:
+    """c(t) = t²σ² + (1−t)²: the per-coordinate variance of I_t for N(0, σ²I) data (the unit-scale divisor)."""
+    return t * t * sigma * sigma + (1 - t) ** 2
+
+
 def gaussian_meta_flow(sigma: float, s: torch.Tensor, u: torch.Tensor, t: torch.Tensor, x: torch.Tensor):
     """Terms of the exact meta flow map of N(0, σ²I) data, per context row (G,).
 
     Returns (μ (G, d), κ (G,), γ_s (G,), dγ (G,)) with dγ = (γ_u − γ_s)/(u − s), so that
     v_gauss = μ + dγ·(x̄ − sμ)/γ_s."""
     var = sigma * sigma
-    c = t * t * var + (1 - t) ** 2
+    c = marginal_var(sigma, t)
     mu = (t * var / c)[:, None] * x
     kappa2 = var * (1 - t) ** 2 / c
     tiny = torch.finfo(x.dtype).tiny  # γ vanishes only for a point-mass posterior (t = 1) at s = 1
@@ -102,13 +107,13 @@ class MFMMLP(nn.Module):
         else:
             mu, kappa, g_s, dg = gaussian_meta_flow(self.sigma_data, s, u, t, x)
             z = (xbar - rows(s[:, None] * mu)) / rows(g_s[:, None])  # x̄ − sμ in units of its Gaussian std
-            x_in = soft_clip(x / (t * t * self.sigma_data ** 2 + (1 - t) ** 2).sqrt()[:, None])  # x_t, unit scale
+            x_in = soft_clip(x / marginal_var(self.sigma_data, t).sqrt()[:, None])  # x_t at unit scale
             xbar_in = soft_clip(z)
         ctx = torch.cat([x_in, fourier_features(s, self.n_freq), fourier_features(u, self.n_freq),
                          fourier_features(t, self.n_freq)], dim=-1)  # (G, ·)
         feats = [xbar_in, rows(ctx)]
         if self.glass_features:
-            feats += self._glass_features(s, xbar, t, x)
+            feats += self._glass_features(rows(s), xbar, rows(t), x)
         h = self.act(self.inp(torch.cat(feats, dim=-1)))
         for layer in self.layers:
             h = h + self.act(layer(h))  # residual: stable for deeper nets at small budgets
@@ -122,18 +127,16 @@ class MFMMLP(nn.Module):
         1e-2·σ so that t → 1 keeps finite loss weights; for `mfm_loss(output_units=True)`."""
         if self.sigma_data is None:
             raise ValueError("error_scale needs a preconditioned MFMMLP (sigma_data)")
-        var = self.sigma_data ** 2
-        kappa = (var * (1 - t) ** 2 / (t * t * var + (1 - t) ** 2)).sqrt()
+        kappa = self.sigma_data * (1 - t) / marginal_var(self.sigma_data, t).sqrt()  # κ of gaussian_meta_flow
         return kappa.clamp_min(1e-2 * self.sigma_data)
 
     def _glass_features(self, s, xbar, t, x) -> list:
         # (s, x̄) and (t, x) observe the same I1: their merged observation (t*, x*) is what the conditional drift
-        # b̄_s(x̄; t, x) depends on through the unconditional drift, b̄ = [x* − x̄ + (1−t*)·b_{t*}(x*)]/(1−s)
-        N = xbar.shape[0] // x.shape[0]
-        s_r, t_r = (a.repeat_interleave(N, dim=0) if N > 1 else a for a in (s, t))
-        t_star, x_star = merged_observation(s_r, xbar, t_r, x)
-        var = 1.0 if self.sigma_data is None else self.sigma_data ** 2
-        x_star = x_star / (t_star * t_star * var + (1 - t_star) ** 2).sqrt()[:, None]
+        # b̄_s(x̄; t, x) depends on through the unconditional drift, b̄ = [x* − x̄ + (1−t*)·b_{t*}(x*)]/(1−s).
+        # s, t: one row per particle (as xbar)
+        t_star, x_star = merged_observation(s, xbar, t, x)
+        sigma = 1.0 if self.sigma_data is None else self.sigma_data
+        x_star = x_star / marginal_var(sigma, t_star).sqrt()[:, None]
         if self.sigma_data is not None:
             x_star = soft_clip(x_star)
         return [x_star, fourier_features(t_star, self.n_freq)]
