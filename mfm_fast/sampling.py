@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch
 
-from ._checks import as_time, check_positive_int, check_state, n_per_group
+from ._checks import as_time, check_cond_rows, check_dtype, check_finite, check_finite_scalar, check_input, \
+    check_model_output, check_positive_int, check_state, model_dtype, n_per_group
 from .interpolant import bcast, time_grid
 
 
@@ -32,16 +33,19 @@ def call_model(model, s, u, xbar, t, x, **cond) -> torch.Tensor:
     G = x.shape[0]
     N = n_per_group("xbar", xbar.shape[0], G)
     if N == 1 or getattr(model, "supports_particle_groups", False):
-        return model(s, u, xbar, t, x, **cond)
+        return check_model_output(model(s, u, xbar, t, x, **cond), xbar, model)
     rep = lambda z: z.repeat_interleave(N, dim=0)  # noqa: E731
-    return model(rep(s), rep(u), xbar, rep(t), rep(x), **expand_cond(cond, G, N))
+    return check_model_output(model(rep(s), rep(u), xbar, rep(t), rep(x), **expand_cond(cond, G, N)), xbar, model)
 
 
 def flow_map(model, s, u, xbar, t, x, **cond) -> torch.Tensor:
     """X_{s,u}(xbar; t, x) = xbar + (u - s)·v_{s,u}(xbar; t, x)."""
-    check_state("x", x)
+    check_input("x", x, model)
     check_state("xbar", xbar, x.shape[1:])
+    check_dtype("xbar", xbar, model_dtype(model))
+    check_finite(xbar=xbar)
     G = x.shape[0]
+    check_cond_rows(cond, G, "x")
     s = as_time("s", s, G, x)
     u = as_time("u", u, G, x)
     t = as_time("t", t, G, x)
@@ -58,15 +62,17 @@ def posterior_sample(model, t, x, n: int = 1, generator: Optional[torch.Generato
     Differentiable in x (the value-gradient estimators backpropagate through this). `noise` (B·n, *event) may be
     given instead of drawing ε.
     """
-    check_state("x", x)
+    check_input("x", x, model)
     check_positive_int("n", n)
     check_positive_int("steps", steps)
     B = x.shape[0]
+    check_cond_rows(cond, B, "x")
     t = as_time("t", t, B, x)
     if noise is None:
         noise = torch.randn((B * n, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
     else:
         check_state("noise", noise, x.shape[1:], batch=B * n)
+        check_input("noise", noise, model)
     return compose_flow_map(model, noise, t, x, steps, **cond).view(B, n, *x.shape[1:])
 
 
@@ -83,9 +89,10 @@ def compose_flow_map(model, noise: torch.Tensor, t: torch.Tensor, x: torch.Tenso
 
 def drift(model, t, x, **cond) -> torch.Tensor:
     """Unconditional drift b_t(x) = v_{t,t}(x; 0, 0): the t = 0 context carries no information."""
-    check_state("x", x)
+    check_input("x", x, model)
+    check_cond_rows(cond, x.shape[0], "x")
     t = as_time("t", t, x.shape[0], x)
-    return model(t, t, x, torch.zeros_like(t), torch.zeros_like(x), **cond)
+    return check_model_output(model(t, t, x, torch.zeros_like(t), torch.zeros_like(x), **cond), x, model)
 
 
 @dataclass
@@ -99,7 +106,8 @@ def refine_sample(model, noise: torch.Tensor, steps: int = 1, generator: Optiona
                   return_result: bool = False, **cond):
     """K-step refinement sampler (K NFE): x = ε; for each grid point s_j, x̂1 = X_{0,1}(ε'; s_j, x), then
     x = (1 - s_{j+1})·ξ + s_{j+1}·x̂1 with fresh ε', ξ. Grid 0 = s_0 < ... < s_K = 1."""
-    check_state("noise", noise)
+    check_input("noise", noise, model)
+    check_cond_rows(cond, noise.shape[0], "noise")
     check_positive_int("steps", steps)
     x = noise
     grid = time_grid(0.0, steps, x)
@@ -115,6 +123,12 @@ def refine_sample(model, noise: torch.Tensor, steps: int = 1, generator: Optiona
 @torch.no_grad()
 def ode_sample(model, noise: torch.Tensor, steps: int = 100, t_start: float = 0.0, **cond) -> torch.Tensor:
     """Euler integration of the unconditional drift b_t from t_start to 1 (the base flow-model sampler)."""
+    check_input("noise", noise, model)
+    check_cond_rows(cond, noise.shape[0], "noise")
+    check_positive_int("steps", steps)
+    t_start = check_finite_scalar("t_start", t_start)
+    if not 0 <= t_start < 1:
+        raise ValueError(f"t_start must lie in [0, 1), got {t_start}")
     x = noise
     grid = time_grid(t_start, steps, x)
     for j in range(steps):

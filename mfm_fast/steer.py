@@ -27,11 +27,10 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from ._checks import check_finite_scalar, check_positive_int, check_state, host_checks_allowed
+from ._checks import check_cond_rows, check_finite_scalar, check_input, check_positive_int, host_checks_allowed
 from .interpolant import time_grid
-from .rewards import CheckedReward, as_reward
-from .value import Cost, CountedModel, CountedReward, _check_model_event, check_chunk_size, check_estimator, \
-    check_pathwise, estimate
+from .rewards import CheckedReward, as_reward, reward_name
+from .value import Cost, CountedModel, CountedReward, check_chunk_size, check_estimator, check_pathwise, estimate
 
 METHODS = ("none", "mfm-g", "mfm-gf", "dps", "search", "smc")
 RENORMS = (None, "rescale", "clip")
@@ -113,6 +112,10 @@ def dps_grad(model, reward, t: torch.Tensor, x: torch.Tensor, lam: float, cond: 
         xc = x.detach().requires_grad_(True)
         b = base_drift(model, t, xc, cond)
         r = lam * reward(xc + (1 - _b(t, xc)) * b)
+        if not r.requires_grad:
+            raise ValueError(f"reward {reward_name(reward)!r}: no gradient reaches the state; method 'dps' needs a "
+                             "reward differentiable in its input (or use a gradient-free method: 'mfm-gf', "
+                             "'search', 'smc' with smc_estimator='mfm-gf')")
         (g,) = torch.autograd.grad(r.sum(), xc, allow_unused=True)
     return b.detach(), (torch.zeros_like(x) if g is None else g)
 
@@ -297,8 +300,7 @@ def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, c
 
 
 def _check_common(model, noise, steps, t_start):
-    check_state("noise", noise)
-    _check_model_event(model, noise, "noise")
+    check_input("noise", noise, model)  # finite too: NaN noise would otherwise surface as a non-finite reward
     check_positive_int("steps", steps)
     t_start = check_finite_scalar("t_start", t_start)
     if not 0 < t_start < 1:
@@ -400,6 +402,7 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
                                                               renorm, renorm_scale, clamp_ratio, chunk_size)
     if search_mode not in SEARCH_MODES:
         raise ValueError(f"search_mode must be one of {SEARCH_MODES}, got {search_mode!r}")
+    check_cond_rows(cond, noise.shape[0], "noise")
     population = _check_population(population, noise.shape[0])
     if method == "smc" or (method == "search" and search_mode == "global"):
         _check_population_cond(method, population, cond, noise.shape[0])
@@ -470,6 +473,7 @@ def best_of_n(model, reward, noise: torch.Tensor, n: int, steps: int = 250, t_st
     t_start = _check_common(model, noise, steps, t_start)
     check_positive_int("n", n)
     _check_clamp(clamp_ratio)
+    check_cond_rows(cond, noise.shape[0], "noise")
     reward = reward if isinstance(reward, CheckedReward) else as_reward(reward)
     B, ev = noise.shape[0], noise.shape[1:]
     cost = Cost(batch=B, nfe=paper_nfe("best-of-n", steps, n))

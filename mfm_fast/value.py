@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from ._checks import as_time, check_finite_scalar, check_positive_int, check_state
+from ._checks import as_time, check_cond_rows, check_finite, check_finite_scalar, check_input, check_model_output, \
+    check_positive_int, check_state
 from .interpolant import bcast
 from .rewards import CheckedReward, as_reward, reward_name
 from .sampling import compose_flow_map
@@ -63,7 +64,7 @@ class CountedModel:
         return getattr(self.model, attr)
 
     def __call__(self, s, u, xbar, t, x, **cond):
-        out = self.model(s, u, xbar, t, x, **cond)
+        out = check_model_output(self.model(s, u, xbar, t, x, **cond), xbar, self.model)
         rows = xbar.shape[0]
         self.cost.forward_calls += 1
         self.cost.forward_evals += rows
@@ -187,12 +188,6 @@ def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tenso
     return torch.cat(values), torch.cat(grads).to(x.dtype)
 
 
-def _check_model_event(model, x: torch.Tensor, name: str = "x") -> None:
-    ev = getattr(model, "event_shape", None)
-    if ev is not None and tuple(x.shape[1:]) != tuple(ev):
-        raise ValueError(f"{name} must have shape (B, {', '.join(map(str, ev))}) for this model, got {tuple(x.shape)}")
-
-
 def check_estimator(name: str, estimator) -> str:
     if estimator not in ESTIMATORS:
         raise ValueError(f"{name} must be one of {ESTIMATORS}, got {estimator!r}")
@@ -227,9 +222,9 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     counted in the cost) instead of one jump.
     Returns (V (B,), ∇V (x's shape)), or a `ValueResult` with the counted cost if `return_info`.
     """
-    check_state("x", x)
-    _check_model_event(model, x)
+    check_input("x", x, model)
     B, ev = x.shape[0], tuple(x.shape[1:])
+    check_cond_rows(cond, B, "x")
     t = as_time("t", t, B, x)
     N = check_positive_int("n_particles", n_particles)
     lam = check_finite_scalar("lam", lam)
@@ -250,6 +245,7 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     else:
         check_state("noise", noise, (N, *ev), batch=B)
         noise = noise.to(x.dtype)
+    check_finite(noise=noise)
     cost = Cost(batch=B)
     reward = reward if isinstance(reward, CheckedReward) else as_reward(reward)
     from .memory import recompute_activations

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .._checks import as_time, check_state, host_checks_allowed, n_per_group
+from .._checks import as_time, check_dtype, check_finite, check_state, host_checks_allowed, n_per_group
 
 
 @dataclass
@@ -348,6 +348,10 @@ class MFMDiT(nn.Module):
             raise ValueError(f"xbar is on {xbar.device} but x is on {x.device}")
         G = x.shape[0]
         n_per_group("xbar", xbar.shape[0], G)
+        weights = self.x_embedder.proj.weight.dtype
+        check_dtype("xbar", xbar, weights)
+        check_dtype("x", x, weights)
+        check_finite(xbar=xbar, x=x)  # one host read for both; skipped during CUDA-graph capture
         s = as_time("s", s, G, x)
         u = as_time("u", u, G, x)
         t = as_time("t", t, G, x)
@@ -363,6 +367,10 @@ class MFMDiT(nn.Module):
             if host_checks_allowed(y) and bool(((y < 0) | (y > self.config.num_classes)).any()):
                 raise ValueError(f"y must lie in [0, {self.config.num_classes}] ({self.config.num_classes} = null class)")
             y = y.long()
+        for name, w in (("cfg", cfg), ("x_cond_scale", x_cond_scale)):
+            if torch.is_tensor(w) and w.dim() > 0 and w.shape not in ((1,), (G,)):
+                raise ValueError(f"{name} must be a number or a tensor of shape () or ({G},) (one weight per state), "
+                                 f"got shape {tuple(w.shape)}")
         check_guidance_weight("cfg", cfg, self.config.class_guidance_ws)
         check_guidance_weight("x_cond_scale", x_cond_scale, self.config.xcond_guidance_ws)
         cfg = _guidance_weight(cfg, G, x)
