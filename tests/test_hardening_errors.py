@@ -2,11 +2,14 @@
 reward), and misuse fails with an error naming the argument instead of an internal one: empty batches, a
 non-differentiable reward for DPS, unreadable checkpoint files, inputs in the wrong dtype or shape, conditioning of
 the wrong length, ode_sample's arguments, models returning non-tensors, unknown CLI flags and compile targets."""
+import re
+
 import pytest
 import torch
 
 from mfm_fast.data import ExactGaussianMFM
 from mfm_fast.models import MFMDiT, MFMMLP
+from mfm_fast.models.checkpoints import CheckpointError, load_official_mfm, save_safetensors
 from mfm_fast.rewards import LinearInverseReward
 from mfm_fast.sampling import drift, flow_map, ode_sample, posterior_sample, refine_sample
 from mfm_fast.steer import best_of_n, steer
@@ -129,6 +132,24 @@ def test_dps_with_a_non_differentiable_reward_names_the_reward():
     # the gradient-free methods still run with it
     x = steer(model, detached, torch.randn(4, 2), method="mfm-gf", **steer_kw())
     assert bool(torch.isfinite(x).all())
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "random"])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_unreadable_checkpoint_files_name_the_path(dit, tmp_path, kind, suffix):
+    good = tmp_path / f"good{suffix}"
+    if suffix == ".pt":
+        torch.save(dit.state_dict(), good)
+    else:
+        save_safetensors(dit, good)
+    data = good.read_bytes()
+    path = tmp_path / f"{kind}{suffix}"
+    path.write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
+                      "random": torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes()}[kind])
+    with pytest.raises(CheckpointError, match=rf"cannot read the checkpoint {re.escape(str(path))}: "
+                                              r"(the file is empty|it is truncated, corrupt or not a checkpoint)"):
+        load_official_mfm(path, impl="torch")
+    assert load_official_mfm(good, impl="torch").config == dit.config
 
 
 def test_inputs_in_another_dtype_than_the_model_name_the_argument(dit):

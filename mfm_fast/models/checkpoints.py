@@ -49,6 +49,8 @@ def read_state_dict(path_or_state_dict, weights_only: bool = True) -> tuple[dict
         path = os.fspath(obj)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint file not found: {path}")
+        if os.path.getsize(path) == 0:
+            raise CheckpointError(f"cannot read the checkpoint {path}: the file is empty (0 bytes)")
         if path.endswith(".safetensors"):
             obj, config = _read_safetensors(path)
         else:
@@ -88,32 +90,53 @@ def _stored_config(obj: Mapping) -> Optional[DiTConfig]:
     return None
 
 
+def _unreadable(path: str, err: BaseException) -> CheckpointError:
+    """A truncated, corrupt or foreign file: torch/safetensors errors name neither the file nor the likely cause."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or ["no details"]
+    # weights_only's refusal of stray bytes opens with a paragraph on its defaults; the operand is the finding
+    detail = next((line for line in lines if line.startswith("Unsupported operand")), lines[0])
+    return CheckpointError(f"cannot read the checkpoint {path}: it is truncated, corrupt or not a checkpoint "
+                           f"({type(err).__name__}: {detail[:300]})")
+
+
 def _torch_load(path: str, weights_only: bool):
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise
-    except Exception as err:  # pickle refused by weights_only
-        if weights_only and "weights_only" in str(err):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+        # files written by the legacy (pre-zip) serializer cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except OSError:
+        raise
+    except Exception as err:
+        # a pickle of Python objects that weights_only refuses (random bytes fail there too, on an "operand")
+        if weights_only and "Unsupported global" in str(err):
             raise CheckpointError(
                 f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) refuses. "
                 "If you trust the file, pass weights_only=False; otherwise re-save only its state_dict.") from err
-        raise
-    # files written by the legacy (pre-zip) serializer cannot be memory-mapped
-    return torch.load(path, map_location="cpu", weights_only=weights_only)
+        raise _unreadable(path, err) from err
 
 
 def _read_safetensors(path: str):
     from safetensors import safe_open
     tensors = {}
-    with safe_open(path, framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except OSError:
+        raise
+    except Exception as err:  # SafetensorError: bad header, file shorter than its header says, ...
+        raise _unreadable(path, err) from err
     config = None
     if meta.get("format") == SAFETENSORS_FORMAT and "config" in meta:
-        config = DiTConfig(**json.loads(meta["config"]))
+        try:
+            config = DiTConfig(**json.loads(meta["config"]))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"the config stored in {path} is not a DiTConfig: {err}") from err
     return tensors, config
 
 
