@@ -215,8 +215,22 @@ def _ptxas_stats(ptx: str, arch: str, capability: int) -> dict:
                 spill_loads=grab(r"(\d+) bytes spill loads"), shared_bytes=grab(r"(\d+) bytes smem"))
 
 
+# CUDA compute capabilities (major·10 + minor) of the GPUs Triton targets (7.0 and newer). LLVM aborts the whole
+# process on a processor it does not know (e.g. sm_0, sm_91), so the target is checked before compiling anything.
+CAPABILITIES = (70, 72, 75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121)  # sm_101 is sm_110 since CUDA 13
+
+
+def check_capability(capability) -> int:
+    if isinstance(capability, bool) or not isinstance(capability, int) or capability not in CAPABILITIES:
+        raise ValueError(f"capability must be a CUDA compute capability written major·10 + minor, one of "
+                         f"{', '.join(map(str, CAPABILITIES))} (90 = H100/H200), got {capability!r}")
+    return capability
+
+
 def compile_launch(launch: Launch, capability: int = 90) -> KernelReport:
-    """Compile one recorded launch for sm_<capability> and report its resource use (never raises)."""
+    """Compile one recorded launch for sm_<capability> and report its resource use (compile errors are reported,
+    not raised; an unknown capability raises ValueError)."""
+    check_capability(capability)
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -247,6 +261,7 @@ def compile_launch(launch: Launch, capability: int = 90) -> KernelReport:
 
 def check(configs=("MFM-XL/2",), dtypes=(torch.bfloat16,), capability: int = 90, shapes=((1, 1), (8, 32))) -> list:
     """Record every workload, compile each distinct launch once; -> [KernelReport] (workloads listed per kernel)."""
+    check_capability(capability)
     _check_compilable()
     distinct: dict = {}
     for config in configs:
@@ -304,6 +319,10 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=["1x1", "8x32"], help="states x particles per workload")
     p.add_argument("--json", help="write the reports here")
     a = p.parse_args(argv)
+    try:
+        check_capability(a.capability)
+    except ValueError as e:
+        p.error(f"--{e}")
     from .backend import interpreter_on
     if interpreter_on():
         p.error("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")

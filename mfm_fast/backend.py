@@ -138,6 +138,10 @@ def info() -> dict:
 
 
 def info_main(argv=None) -> int:
+    import argparse
+    argparse.ArgumentParser(prog="python -m mfm_fast info",
+                            description="Print versions, the GPU, the chosen kernels and attention backends."
+                            ).parse_args(argv)
     for k, v in info().items():
         print(f"{k:>28}: {v}")
     return 0

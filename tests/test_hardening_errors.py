@@ -7,6 +7,8 @@ import re
 import pytest
 import torch
 
+from mfm_fast import aot, backend
+from mfm_fast.__main__ import main as cli_main
 from mfm_fast.data import ExactGaussianMFM
 from mfm_fast.models import MFMDiT, MFMMLP
 from mfm_fast.models.checkpoints import CheckpointError, load_official_mfm, save_safetensors
@@ -265,3 +267,28 @@ def test_a_model_returning_a_non_tensor_or_a_wrong_shape_is_named():
             call(NumpyModel())
         with pytest.raises(ValueError, match=r"^the model NarrowModel returned shape \(\d+, 1\); .* xbar's shape"):
             call(NarrowModel())
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def test_info_rejects_unknown_flags(capsys):
+    for argv in (["--bogus"], ["extra"]):
+        with pytest.raises(SystemExit) as info:
+            backend.info_main(argv)
+        assert info.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["info", "--json"])
+
+
+def test_kernels_refuses_an_unknown_capability_before_compiling(capsys):
+    for cap in ("0", "91", "130"):  # each aborted the process inside LLVM ("Cannot select: intrinsic")
+        with pytest.raises(SystemExit) as info:
+            aot.main(["--model", "MFM-T/2", "--dtype", "fp32", "--shapes", "1x1", "--capability", cap])
+        assert info.value.code == 2
+        assert "--capability must be a CUDA compute capability" in capsys.readouterr().err
+    for cap in (0, 91, 9.0, True):
+        with pytest.raises(ValueError, match="capability must be a CUDA compute capability"):
+            aot.check(("MFM-T/2",), (torch.float32,), cap, ((1, 1),))
+        with pytest.raises(ValueError, match="capability must be a CUDA compute capability"):
+            aot.compile_launch(None, cap)
+    assert aot.check_capability(90) == 90 and aot.check_capability(120) == 120
