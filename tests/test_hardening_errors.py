@@ -292,3 +292,14 @@ def test_kernels_refuses_an_unknown_capability_before_compiling(capsys):
         with pytest.raises(ValueError, match="capability must be a CUDA compute capability"):
             aot.compile_launch(None, cap)
     assert aot.check_capability(90) == 90 and aot.check_capability(120) == 120
+
+
+@pytest.mark.parametrize("argv", [["demo", "--samples", "0"], ["demo", "--particles", "0"], ["demo", "--steps", "-3"],
+                                  ["demo", "--train-steps", "0"], ["experiment", "gmm", "--samples", "0"],
+                                  ["experiment", "posterior", "--contexts", "0"]])
+def test_counts_of_zero_are_refused_not_replaced_by_defaults(argv, capsys):
+    # `demo --samples 0` used to run with the default 1024 samples
+    with pytest.raises(SystemExit) as info:
+        cli_main(argv)
+    assert info.value.code == 2
+    assert "must be a positive integer" in capsys.readouterr().err

@@ -15,6 +15,17 @@ import torch
 
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts: 0 or a negative count is an error, never a silent stand-in for a default."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def experiment_parser(prog: str, description: str, out: str, quick_help: str = "tiny budget (tests)",
                       retrain_help: str = "train the cached models again",
                       train_help: str = "GMM MFM training") -> argparse.ArgumentParser:
@@ -24,8 +35,8 @@ def experiment_parser(prog: str, description: str, out: str, quick_help: str = "
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--retrain", action="store_true", help=retrain_help)
-    p.add_argument("--train-steps", type=int, default=None, help=f"{train_help} steps (default: shipped defaults)")
-    p.add_argument("--train-batch", type=int, default=None, help=f"{train_help} batch (default: shipped defaults)")
+    p.add_argument("--train-steps", type=positive_int, default=None, help=f"{train_help} steps (default: shipped defaults)")
+    p.add_argument("--train-batch", type=positive_int, default=None, help=f"{train_help} batch (default: shipped defaults)")
     p.add_argument("--seed", type=int, default=0)
     return p
 

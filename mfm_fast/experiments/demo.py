@@ -15,6 +15,7 @@ import torch
 
 from .common import (
     experiment_parser,
+    positive_int,
     MethodSpec,
     gmm_mfm,
     out_dir,
@@ -55,10 +56,10 @@ def main(argv=None) -> int:
                           quick_help="tiny budget (tests): seconds instead of minutes",
                           retrain_help="train the GMM MFM again even if a cached one exists",
                           train_help="GMM MFM training")
-    p.add_argument("--samples", type=int, default=None, help="samples per method (default 1024; quick: 128)")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 100; quick: 50)")
-    p.add_argument("--particles", type=int, default=None, help="N: particles / candidates (default 8; quick: 4)")
-    p.add_argument("--smc-particles", type=int, default=None,
+    p.add_argument("--samples", type=positive_int, default=None, help="samples per method (default 1024; quick: 128)")
+    p.add_argument("--steps", type=positive_int, default=None, help="Euler steps K (default 100; quick: 50)")
+    p.add_argument("--particles", type=positive_int, default=None, help="N: particles / candidates (default 8; quick: 4)")
+    p.add_argument("--smc-particles", type=positive_int, default=None,
                    help="one-step samples per state for SMC's value estimate (default 64; quick: 8)")
     args = p.parse_args(argv)
 
@@ -66,10 +67,10 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     out = out_dir(args.out)
     quick = args.quick
-    n_samples = args.samples or (128 if quick else 1024)
-    steps = args.steps or (50 if quick else 100)
-    n = args.particles or (4 if quick else 8)
-    n_smc = args.smc_particles or (8 if quick else 64)
+    n_samples = args.samples if args.samples is not None else (128 if quick else 1024)
+    steps = args.steps if args.steps is not None else (50 if quick else 100)
+    n = args.particles if args.particles is not None else (4 if quick else 8)
+    n_smc = args.smc_particles if args.smc_particles is not None else (8 if quick else 64)
     print(f"mfm_fast demo on {device}: {n_samples} samples per method, K = {steps} Euler steps, N = {n} "
           f"(SMC: {n_smc})", flush=True)
 

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .common import (cache_dir, experiment_parser, MethodSpec, out_dir, pyplot,
+from .common import (cache_dir, experiment_parser, MethodSpec, out_dir, positive_int, pyplot,
                      resolve_device, run_method, timer, write_table)
 
 WEIGHTS = (0, 1, 0, 1, 0, 2, 0, 2, 0, 4)
@@ -123,9 +123,9 @@ def main(argv=None) -> int:
                           quick_help="tiny budget (tests): meaningless numbers, all code paths",
                           retrain_help="retrain the MFM and the classifier",
                           train_help="MFM training (CPU default 2000 steps)")
-    p.add_argument("--samples", type=int, default=None, help="outputs per method (default 256; quick 16)")
-    p.add_argument("--pool", type=int, default=None, help="base samples for Best-of-N (default 2048; quick 64)")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 25; quick 4)")
+    p.add_argument("--samples", type=positive_int, default=None, help="outputs per method (default 256; quick 16)")
+    p.add_argument("--pool", type=positive_int, default=None, help="base samples for Best-of-N (default 2048; quick 64)")
+    p.add_argument("--steps", type=positive_int, default=None, help="Euler steps K (default 25; quick 4)")
     p.add_argument("--lams", default="1,4,16", help="λ values for single-particle MFM-G / MFM-GF")
     p.add_argument("--bon", default="1,2,4,8,16,32,64,128,256,512,1000", help="Best-of-N values")
     args = p.parse_args(argv)

@@ -13,7 +13,7 @@ import torch
 
 from ..finetune import SCHEDULES, FinetuneConfig, finetune
 from ..sampling import ode_sample
-from .common import (distances, experiment_parser, gmm_mfm, out_dir, paper_problem,
+from .common import (distances, experiment_parser, gmm_mfm, out_dir, paper_problem, positive_int,
                      pyplot, resolve_device, write_table)
 
 
@@ -22,14 +22,14 @@ def main(argv=None) -> int:
                           quick_help="tiny budget (tests)",
                           retrain_help="retrain the base GMM MFM",
                           train_help="GMM MFM training")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 1500; quick 40)")
-    p.add_argument("--eval-every", type=int, default=None, help="evaluation interval (default 250; quick 20)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=positive_int, default=None, help="fine-tuning steps (default 1500; quick 40)")
+    p.add_argument("--eval-every", type=positive_int, default=None, help="evaluation interval (default 250; quick 20)")
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--schedules", default=",".join(SCHEDULES), help=f"comma-separated, from {SCHEDULES}")
     p.add_argument("--sigma-const", type=float, default=100.0, help="σ²/2 of the constant schedule")
-    p.add_argument("--samples", type=int, default=None, help="evaluation samples (default 2048; quick 256)")
-    p.add_argument("--ode-steps", type=int, default=None, help="Euler steps for sampling (default 100; quick 20)")
+    p.add_argument("--samples", type=positive_int, default=None, help="evaluation samples (default 2048; quick 256)")
+    p.add_argument("--ode-steps", type=positive_int, default=None, help="Euler steps for sampling (default 100; quick 20)")
     args = p.parse_args(argv)
 
     t_begin = time.perf_counter()

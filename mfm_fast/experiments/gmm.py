@@ -18,6 +18,7 @@ import torch
 
 from .common import (
     experiment_parser,
+    positive_int,
     MethodSpec,
     gmm_mfm,
     out_dir,
@@ -124,16 +125,16 @@ def main(argv=None) -> int:
                           quick_help="tiny budget (tests)",
                           retrain_help="train the GMM MFM again",
                           train_help="GMM MFM training")
-    p.add_argument("--samples", type=int, default=None, help="samples per method (default 1024; quick 128)")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps K (default 100; quick 50)")
+    p.add_argument("--samples", type=positive_int, default=None, help="samples per method (default 1024; quick 128)")
+    p.add_argument("--steps", type=positive_int, default=None, help="Euler steps K (default 100; quick 50)")
     p.add_argument("--ns", default=None,
                    help="comma-separated N values (default 1,2,4,8,16,32,64,128,256; quick 1,4)")
     p.add_argument("--exact-g-max", type=int, default=16,
                    help="largest N with an 'MFM-G, exact posterior' row (its GLASS rollout costs 64 drift calls)")
     p.add_argument("--smc-reference", type=int, default=4096, help="population of the reference SMC run")
     p.add_argument("--ts", default="0.1,0.3,0.5,0.7,0.9", help="times for the ∇V accuracy study")
-    p.add_argument("--grad-states", type=int, default=None, help="states per t for ∇V accuracy (default 512)")
-    p.add_argument("--chunk-size", type=int, default=None, help="rows per network call (memory bound)")
+    p.add_argument("--grad-states", type=positive_int, default=None, help="states per t for ∇V accuracy (default 512)")
+    p.add_argument("--chunk-size", type=positive_int, default=None, help="rows per network call (memory bound)")
     args = p.parse_args(argv)
 
     t_begin = time.perf_counter()

@@ -13,7 +13,7 @@ import dataclasses
 import time
 
 
-from .common import experiment_parser, gmm_mfm, out_dir, pyplot, resolve_device, write_table
+from .common import experiment_parser, gmm_mfm, out_dir, positive_int, pyplot, resolve_device, write_table
 
 TS = (0.05, 0.2, 0.5, 0.8, 0.95)
 KS = (1, 2, 4)
@@ -88,8 +88,8 @@ def main(argv=None) -> int:
                           retrain_help="train every recipe again", train_help="every recipe's MFM")
     p.add_argument("--recipes", default=None, help="comma-separated recipe names (default: all); "
                    f"known: {', '.join(recipes())}")
-    p.add_argument("--contexts", type=int, default=None, help="contexts per t (default 8; quick 2)")
-    p.add_argument("--samples", type=int, default=None, help="samples per context (default 2048; quick 256)")
+    p.add_argument("--contexts", type=positive_int, default=None, help="contexts per t (default 8; quick 2)")
+    p.add_argument("--samples", type=positive_int, default=None, help="samples per context (default 2048; quick 256)")
     args = p.parse_args(argv)
     t_begin = time.perf_counter()
     device = resolve_device(args.device)
