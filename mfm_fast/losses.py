@@ -16,13 +16,14 @@ of squares over the event dimensions (so c means the same for every data size).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
 import torch
 from torch.func import jvp
 
 from ._checks import check_finite_scalar, check_positive_int, check_state
+from .glass import glass_drift, warped_grid
 from .interpolant import bcast, interpolate
 
 CONSISTENCY = ("meanflow", "lsd", "esd", "semigroup", "none")
@@ -160,7 +161,6 @@ def _teacher(teacher_drift: Callable, cond: dict) -> Callable:
 def glass_target(teacher_drift: Callable, s: torch.Tensor, xbar: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
                  **cond) -> torch.Tensor:
     """Zero-variance diagonal target b̄_s(x̄; t, x) from a teacher drift (METHOD §2.2), one teacher call."""
-    from .glass import glass_drift
     return glass_drift(_teacher(teacher_drift, cond), s, xbar, t, x)
 
 
@@ -268,13 +268,23 @@ def semigroup_loss(model, x1: torch.Tensor, draws: Optional[Draws] = None, gener
 
 
 # ---------------------------------------------------------------------------------------------- combined
+def rollout_loss(model, rows: "RolloutRows", adaptive_p: Optional[float] = None, error_scale=None):
+    """Regress the flow map on teacher rollouts (`RolloutBank`): X_{s,u}(x̄_s; t, x) = x̄_s + (u−s)·v_{s,u} against
+    the rollout's x̄_u, a zero-variance target for any jump, the one-step jump (0, 1) included. Residuals are in
+    state units, the units of the samples the flow map draws."""
+    v = model(rows.s, rows.u, rows.xs, rows.t, rows.x, **rows.cond)
+    pred = rows.xs + bcast(rows.u - rows.s, v) * v
+    loss, mse = weighted_mse(pred - rows.xu, adaptive_p, scale=error_scale)
+    return loss, {"roll": mse}
+
+
 def mfm_loss(model, x1: torch.Tensor, consistency: str = "meanflow", teacher_drift: Optional[Callable] = None, *,
              diagonal: str = "data", consistency_fraction: float = 0.25, n_consistency: Optional[int] = None,
              consistency_weight: float = 1.0, adaptive: bool = True, diag_p: float = 0.5, cons_p: float = 1.0,
              t_zero_prob: float = 0.1, gamma: Optional[float] = None, p_uncond: float = 0.1,
              target_model=None, draws: Optional[Draws] = None, generator: Optional[torch.Generator] = None,
-             output_units: bool = False, t_power: float = 2.0, **cond):
-    """L_MFM = L_diag + consistency_weight·L_cons (METHOD §2).
+             output_units: bool = False, t_power: float = 2.0, rollout: Optional["RolloutRows"] = None, **cond):
+    """L_MFM = L_diag + consistency_weight·L_cons (+ L_roll) (METHOD §2).
 
     The first B − n_c rows of the batch train the diagonal, the last n_c = round(consistency_fraction·B) rows
     (or `n_consistency`) the consistency loss; each term is a mean over its rows.
@@ -289,6 +299,8 @@ def mfm_loss(model, x1: torch.Tensor, consistency: str = "meanflow", teacher_dri
     output_units: measure every residual in units of `model.error_scale(t)` (B,), the scale of the network's own
     output at context time t (a preconditioned model's posterior spread), so that every t weighs alike, as
     EDM's loss weight 1/c_out² does; the logged MSEs stay in absolute units.
+    rollout: extra rows regressed on teacher rollouts (`RolloutBank.rows`, `rollout_loss`), a mean over its rows
+    added to the total; their conditioning travels with them.
     """
     check_state("x1", x1)
     if consistency not in CONSISTENCY:
@@ -346,5 +358,129 @@ def mfm_loss(model, x1: torch.Tensor, consistency: str = "meanflow", teacher_dri
             loss_c, lc = semigroup_loss(model, x1[sl], draws[sl], target_model=target_model, **args)
         total = total + consistency_weight * loss_c
         logs.update(lc)
+    if rollout is not None and len(rollout):
+        scale = model.error_scale(rollout.t).detach() if output_units else None
+        loss_r, lr_ = rollout_loss(model, rollout, adaptive_p=cp, error_scale=scale)
+        total = total + loss_r
+        logs.update(lr_)
     logs["loss"] = total.detach()
     return total, logs
+
+
+# ---------------------------------------------------------------------------------------------- teacher rollouts
+@dataclass
+class RolloutBank:
+    """Teacher posterior trajectories, the zero-variance targets of `rollout_loss`.
+
+    Row b holds a context (t_b, x_b) ~ the training distribution of contexts and the GLASS rollout x̄_τ of the
+    teacher on the grid τ_0 = 0 < … < τ_R = 1 from x̄_0 = ε_b: x̄_{τ_j} = X_{τ_i, τ_j}(x̄_{τ_i}; t_b, x_b) for every pair
+    i < j, up to the rollout's integration error. Build it with `build_rollout_bank`."""
+
+    t: torch.Tensor  # (n,)
+    x: torch.Tensor  # (n, *event)
+    grid: torch.Tensor  # (R + 1,)
+    traj: torch.Tensor  # (n, R + 1, *event)
+    cond: dict = field(default_factory=dict)  # per-row conditioning, e.g. y (n,)
+
+    def __len__(self) -> int:
+        return self.t.shape[0]
+
+    def draw_pairs(self, n: int, generator: Optional[torch.Generator] = None, full_prob: float = 0.25):
+        """(rows, i, j): n bank rows and grid pairs i < j, each pair uniform over all pairs except that with
+        probability full_prob it is (0, R), the one-step jump X_{0,1} that posterior sampling uses."""
+        check_positive_int("n", n)
+        R = self.grid.shape[0] - 1
+        rows = torch.randint(0, len(self), (n,), generator=generator)
+        a = torch.randint(0, R + 1, (n,), generator=generator)
+        b = torch.randint(0, R, (n,), generator=generator)
+        b = b + (b >= a).long()  # two distinct grid points, uniform over the pairs
+        i, j = torch.minimum(a, b), torch.maximum(a, b)
+        full = torch.rand((n,), generator=generator) < full_prob
+        i = torch.where(full, torch.zeros_like(i), i)
+        j = torch.where(full, torch.full_like(j, R), j)
+        return rows, i, j
+
+    def rows(self, rows: torch.Tensor, i: torch.Tensor, j: torch.Tensor, device=None, dtype=None) -> "RolloutRows":
+        """The training rows of the given bank rows and grid pairs, on device in dtype."""
+        def mv(a):
+            return a.to(device, dtype) if a.is_floating_point() else a.to(device)
+        cond = {k: mv(v[rows]) for k, v in self.cond.items()}
+        return RolloutRows(mv(self.grid[i]), mv(self.grid[j]), mv(self.traj[rows, i]), mv(self.traj[rows, j]),
+                           mv(self.t[rows]), mv(self.x[rows]), cond)
+
+
+@dataclass
+class RolloutRows:
+    """A batch of flow-map targets: X_{s,u}(xs; t, x) should equal xu."""
+
+    s: torch.Tensor
+    u: torch.Tensor
+    xs: torch.Tensor
+    xu: torch.Tensor
+    t: torch.Tensor
+    x: torch.Tensor
+    cond: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.t.shape[0]
+
+    def __getitem__(self, idx) -> "RolloutRows":
+        return RolloutRows(self.s[idx], self.u[idx], self.xs[idx], self.xu[idx], self.t[idx], self.x[idx],
+                           {k: v[idx] for k, v in self.cond.items()})
+
+
+@torch.no_grad()
+def build_rollout_bank(teacher_drift: Callable, x1: torch.Tensor, steps: int = 32, warp: float = 2.0,
+                       generator: Optional[torch.Generator] = None, t_power: float = 1.0, t_zero_prob: float = 0.1,
+                       chunk: int = 8192, device=None, progress: bool = False, **cond) -> RolloutBank:
+    """Roll the teacher's GLASS posterior ODE for one context per data sample x1 (n, *event), from x̄_0 = ε to 1
+    on `warped_grid(steps, warp)` (Heun: 2·steps teacher calls per row, in chunks of `chunk` rows on `device`),
+    keeping every grid point.
+
+    Contexts as in training (`sample_times`): t = U^t_power (0 with probability t_zero_prob),
+    x = (1−t)·ε' + t·x1, drawn from `generator`. teacher_drift(t, x, **cond) -> b_t(x); cond: per-row tensors
+    (e.g. y (n,)) kept with the bank.
+    The bank lives on the CPU in float32: n·(steps + 1)·numel(event)·4 bytes."""
+    check_state("x1", x1)
+    check_positive_int("chunk", chunk)
+    if not callable(teacher_drift):
+        raise TypeError(f"teacher_drift must be callable (t, x) -> b_t(x), got {type(teacher_drift).__name__}")
+    n = x1.shape[0]
+    x1 = x1.detach().float().cpu()
+    for k, v in cond.items():
+        if not torch.is_tensor(v) or v.dim() == 0 or v.shape[0] != n:
+            raise ValueError(f"conditioning {k!r} must be a tensor with one row per sample ({n}), got "
+                             f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}")
+    cond = {k: v.cpu() for k, v in cond.items()}
+    t = sample_times(n, generator, None, torch.float32, t_zero_prob, None, t_power).t
+    x = context(t, x1, torch.randn(x1.shape, generator=generator))
+    z0 = torch.randn(x1.shape, generator=generator)
+    grid = warped_grid(steps, warp)
+    traj = torch.empty((n, steps + 1, *x1.shape[1:]))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc="teacher rollouts", dynamic_ncols=True)
+    for lo in range(0, n, chunk):
+        sl = slice(lo, min(n, lo + chunk))
+        tc, xc, z = (a[sl].to(device) for a in (t, x, z0))
+        cc = {k: v[sl].to(device) for k, v in cond.items()}
+        g = grid.to(z.device)
+
+        def f(r, zz):
+            return glass_drift(lambda tt, xx: teacher_drift(tt, xx, **cc), r.expand(zz.shape[0]), zz, tc, xc)
+
+        traj[sl, 0] = z.cpu()
+        for j in range(steps):
+            h = g[j + 1] - g[j]
+            k1 = f(g[j], z)
+            k2 = f(g[j + 1], z + h * k1)
+            z = z + h / 2 * (k1 + k2)
+            traj[sl, j + 1] = z.float().cpu()
+        if bar is not None:
+            bar.update(sl.stop - lo)
+    if bar is not None:
+        bar.close()
+    if not bool(torch.isfinite(traj).all()):
+        raise ValueError("the teacher's rollouts are not finite: check teacher_drift")
+    return RolloutBank(t, x, grid, traj, cond)

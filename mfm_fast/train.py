@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from . import distributed as D
 from ._checks import check_finite_scalar, check_positive_int
-from .losses import CONSISTENCY, DIAGONAL, draw, mfm_loss
+from .losses import CONSISTENCY, DIAGONAL, build_rollout_bank, draw, mfm_loss
 
 FORMAT = "mfm_fast.checkpoint"
 VERSION = 1
@@ -75,16 +75,24 @@ class TrainConfig:
     ema_targets: bool = False  # bootstrapped targets ("lsd", "semigroup") from the EMA network
     output_units: bool = False  # residuals in units of model.error_scale(t) (see losses.mfm_loss)
     t_power: float = 2.0  # context time t = U^t_power (2: the release's U²; 1: uniform)
+    # rows regressed on teacher rollouts (losses.rollout_loss; needs a teacher): a bank of `rollout_bank` contexts,
+    # each with its GLASS trajectory on `rollout_steps` Heun steps of warped_grid(·, rollout_warp), built once before
+    # training; each row takes a random grid pair, the full jump (0, 1) with probability rollout_full_prob
+    rollout_fraction: float = 0.0
+    rollout_bank: int = 65536
+    rollout_steps: int = 32
+    rollout_warp: float = 2.0
+    rollout_full_prob: float = 0.25
 
     def __post_init__(self):
-        for name in ("steps", "batch", "log_every"):
+        for name in ("steps", "batch", "log_every", "rollout_bank", "rollout_steps"):
             check_positive_int(name, getattr(self, name))
         for name in ("warmup", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "consistency_weight", "diag_p", "cons_p",
-                     "t_power"):
+                     "t_power", "rollout_warp"):
             check_finite_scalar(name, getattr(self, name))
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
@@ -102,14 +110,23 @@ class TrainConfig:
             raise ValueError(f"parallel must be one of {D.PARALLEL}, got {self.parallel!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        for name in ("consistency_fraction", "t_zero_prob", "p_uncond"):
+        for name in ("consistency_fraction", "t_zero_prob", "p_uncond", "rollout_fraction", "rollout_full_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.rollout_warp < 1:
+            raise ValueError(f"rollout_warp must be at least 1, got {self.rollout_warp}")
+        if self.n_consistency + self.n_rollout >= self.batch:
+            raise ValueError(f"consistency_fraction={self.consistency_fraction} and rollout_fraction="
+                             f"{self.rollout_fraction} leave no diagonal rows in a batch of {self.batch}")
         self.betas = tuple(float(b) for b in self.betas)
 
     @property
     def n_consistency(self) -> int:
         return 0 if self.consistency == "none" else int(round(self.consistency_fraction * self.batch))
+
+    @property
+    def n_rollout(self) -> int:
+        return int(round(self.rollout_fraction * self.batch))
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine or constant."""
@@ -331,7 +348,7 @@ def _make_optimizer(params, cfg: TrainConfig):
 
 
 class _Trainer:
-    def __init__(self, model, sample_batch, cfg: TrainConfig, teacher_drift):
+    def __init__(self, model, sample_batch, cfg: TrainConfig, teacher_drift, progress: bool = False):
         self.cfg = cfg
         self.dist = D.info()
         self.device = resolve_device(cfg.device)
@@ -354,13 +371,24 @@ class _Trainer:
         self.step = 0
         self.history: list = []
         self.overrides: list = []  # resumes with changed settings: {"step", "changes": {field: [old, new]}}
-        n_c = cfg.n_consistency
-        self.parts = (cfg.batch - n_c, n_c)
+        n_c, n_r = cfg.n_consistency, cfg.n_rollout
+        self.parts = (cfg.batch - n_c - n_r, n_c, n_r)  # diagonal, consistency, rollout rows
         world = self.dist.world_size
         if any(n % world for n in self.parts):
-            raise ValueError(f"batch={cfg.batch} with {n_c} consistency rows cannot be split over {world} ranks: "
-                             f"both {self.parts[0]} and {n_c} must be divisible by {world}")
-        self.rows = D.local_rows(self.parts, self.dist.rank, world)
+            raise ValueError(f"batch={cfg.batch} with {n_c} consistency and {n_r} rollout rows cannot be split over "
+                             f"{world} ranks: {self.parts} must all be divisible by {world}")
+        self.rows = D.local_rows(self.parts[:2], self.dist.rank, world)
+        self.rollout_rows = D.local_rows(self.parts[2:], self.dist.rank, world)
+        self.bank = None
+        if n_r:
+            if teacher_drift is None:
+                raise ValueError("rollout_fraction > 0 needs teacher_drift(t, x) -> b_t(x)")
+            # the same bank on every rank and after every resume: it is drawn from the run's seed
+            gen = torch.Generator().manual_seed(cfg.seed + 7919)
+            x1, cond = _split_batch(sample_batch(cfg.rollout_bank, gen))
+            self.bank = build_rollout_bank(teacher_drift, x1, cfg.rollout_steps, cfg.rollout_warp, gen,
+                                           cfg.t_power, cfg.t_zero_prob, device=self.device,
+                                           progress=progress and self.dist.is_main, **cond)
 
     # -- state
     def state_dict(self) -> dict:
@@ -432,18 +460,25 @@ class _Trainer:
 
     # -- one optimizer step
     def global_batch(self, step: int):
+        """(x1, cond, draws) of the diagonal and consistency rows, and the (bank rows, i, j) of the rollout rows."""
         cfg = self.cfg
         gen = step_generator(cfg.seed, step)
-        x1, cond = _split_batch(self.sample_batch(cfg.batch, gen))
-        if x1.shape[0] != cfg.batch:
-            raise ValueError(f"sample_batch returned {x1.shape[0]} rows, expected {cfg.batch}")
-        draws = draw(cfg.batch, x1.shape[1:], gen, "cpu", torch.float32, cfg.t_zero_prob, cfg.gamma,
+        n = self.parts[0] + self.parts[1]
+        x1, cond = _split_batch(self.sample_batch(n, gen))
+        if x1.shape[0] != n:
+            raise ValueError(f"sample_batch returned {x1.shape[0]} rows, expected {n}")
+        draws = draw(n, x1.shape[1:], gen, "cpu", torch.float32, cfg.t_zero_prob, cfg.gamma,
                      cfg.p_uncond if cond.get("y") is not None else 0.0, cfg.t_power)
-        return x1, cond, draws
+        pairs = self.bank.draw_pairs(self.parts[2], gen, cfg.rollout_full_prob) if self.bank is not None else None
+        return x1, cond, draws, pairs
 
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
-        x1, cond, draws = self.global_batch(step)
+        x1, cond, draws, pairs = self.global_batch(step)
+        rollout = None
+        if pairs is not None:
+            local = self.rollout_rows
+            rollout = self.bank.rows(*(a[local] for a in pairs), device=self.device, dtype=self.dtype)
         rows = self.rows
         x1 = x1[rows].to(self.device, self.dtype)
         cond = {k: (v[rows].to(self.device) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in cond.items()}
@@ -458,7 +493,7 @@ class _Trainer:
                                   consistency_weight=cfg.consistency_weight, adaptive=cfg.adaptive,
                                   diag_p=cfg.diag_p, cons_p=cfg.cons_p, draws=draws,
                                   target_model=self.ema if cfg.ema_targets else None,
-                                  output_units=cfg.output_units, **cond)
+                                  output_units=cfg.output_units, rollout=rollout, **cond)
         loss.backward()
         if not self.fsdp:
             D.all_reduce_grads(self.params)
@@ -514,7 +549,7 @@ def train(model: nn.Module, sample_batch: Callable, cfg: Optional[TrainConfig] =
         _check_writable(out)
         if D.info().is_main:
             _remove_stale_tmp(out)
-    trainer = _Trainer(model, sample_batch, cfg, teacher_drift)
+    trainer = _Trainer(model, sample_batch, cfg, teacher_drift, progress=progress)
     saved_step = None  # the step of the last good checkpoint at `out`
     if out is not None and resume and os.path.exists(out):
         trainer.load_state_dict(read_checkpoint(out, map_location="cpu"), out, override=override)
