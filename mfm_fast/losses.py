@@ -432,17 +432,22 @@ class RolloutRows:
 @torch.no_grad()
 def build_rollout_bank(teacher_drift: Callable, x1: torch.Tensor, steps: int = 32, warp: float = 2.0,
                        generator: Optional[torch.Generator] = None, t_power: float = 1.0, t_zero_prob: float = 0.1,
-                       chunk: int = 8192, device=None, progress: bool = False, **cond) -> RolloutBank:
+                       context_spread: float = 1.0, chunk: int = 8192, device=None, progress: bool = False,
+                       **cond) -> RolloutBank:
     """Roll the teacher's GLASS posterior ODE for one context per data sample x1 (n, *event), from x̄_0 = ε to 1
     on `warped_grid(steps, warp)` (Heun: 2·steps teacher calls per row, in chunks of `chunk` rows on `device`),
     keeping every grid point.
 
     Contexts as in training (`sample_times`): t = U^t_power (0 with probability t_zero_prob),
-    x = (1−t)·ε' + t·x1, drawn from `generator`. teacher_drift(t, x, **cond) -> b_t(x); cond: per-row tensors
-    (e.g. y (n,)) kept with the bank.
+    x = (1−t)·c·ε' + t·x1 with c ~ U[1, context_spread] per row, drawn from `generator`. The rollout is the
+    teacher's posterior for whatever context it is given, so contexts need not follow p_t: spread > 1 widens them
+    into p_t's tails, where steering goes and where a bank of typical contexts leaves the map untrained.
+    teacher_drift(t, x, **cond) -> b_t(x); cond: per-row tensors (e.g. y (n,)) kept with the bank.
     The bank lives on the CPU in float32: n·(steps + 1)·numel(event)·4 bytes."""
     check_state("x1", x1)
     check_positive_int("chunk", chunk)
+    if not check_finite_scalar("context_spread", context_spread) >= 1:
+        raise ValueError(f"context_spread must be at least 1, got {context_spread}")
     if not callable(teacher_drift):
         raise TypeError(f"teacher_drift must be callable (t, x) -> b_t(x), got {type(teacher_drift).__name__}")
     n = x1.shape[0]
@@ -453,7 +458,8 @@ def build_rollout_bank(teacher_drift: Callable, x1: torch.Tensor, steps: int = 3
                              f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}")
     cond = {k: v.cpu() for k, v in cond.items()}
     t = sample_times(n, generator, None, torch.float32, t_zero_prob, None, t_power).t
-    x = context(t, x1, torch.randn(x1.shape, generator=generator))
+    spread = 1 + (context_spread - 1) * torch.rand((n,), generator=generator)
+    x = context(t, x1, bcast(spread, x1) * torch.randn(x1.shape, generator=generator))
     z0 = torch.randn(x1.shape, generator=generator)
     grid = warped_grid(steps, warp)
     traj = torch.empty((n, steps + 1, *x1.shape[1:]))

@@ -83,6 +83,7 @@ class TrainConfig:
     rollout_steps: int = 32
     rollout_warp: float = 2.0
     rollout_full_prob: float = 0.25
+    rollout_context_spread: float = 1.0  # bank contexts' noise × U[1, spread] (see losses.build_rollout_bank)
 
     def __post_init__(self):
         for name in ("steps", "batch", "log_every", "rollout_bank", "rollout_steps"):
@@ -92,7 +93,7 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "consistency_weight", "diag_p", "cons_p",
-                     "t_power", "rollout_warp"):
+                     "t_power", "rollout_warp", "rollout_context_spread"):
             check_finite_scalar(name, getattr(self, name))
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
@@ -113,8 +114,9 @@ class TrainConfig:
         for name in ("consistency_fraction", "t_zero_prob", "p_uncond", "rollout_fraction", "rollout_full_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if self.rollout_warp < 1:
-            raise ValueError(f"rollout_warp must be at least 1, got {self.rollout_warp}")
+        for name in ("rollout_warp", "rollout_context_spread"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.n_consistency + self.n_rollout >= self.batch:
             raise ValueError(f"consistency_fraction={self.consistency_fraction} and rollout_fraction="
                              f"{self.rollout_fraction} leave no diagonal rows in a batch of {self.batch}")
@@ -387,7 +389,8 @@ class _Trainer:
             gen = torch.Generator().manual_seed(cfg.seed + 7919)
             x1, cond = _split_batch(sample_batch(cfg.rollout_bank, gen))
             self.bank = build_rollout_bank(teacher_drift, x1, cfg.rollout_steps, cfg.rollout_warp, gen,
-                                           cfg.t_power, cfg.t_zero_prob, device=self.device,
+                                           cfg.t_power, cfg.t_zero_prob, cfg.rollout_context_spread,
+                                           device=self.device,
                                            progress=progress and self.dist.is_main, **cond)
 
     # -- state
@@ -576,8 +579,7 @@ def train(model: nn.Module, sample_batch: Callable, cfg: Optional[TrainConfig] =
         pending.clear()
         if bar is not None and trainer.history:
             h = trainer.history[-1]
-            bar.set_postfix(loss=f"{h['loss']:.4f}", diag=f"{h.get('diag', 0):.4f}",
-                            cons=f"{h.get('cons', 0):.4f}", refresh=False)
+            bar.set_postfix({k: f"{h[k]:.4f}" for k in ("loss", "diag", "cons", "roll") if k in h}, refresh=False)
 
     while trainer.step < cfg.steps:
         pending.append((trainer.step + 1, trainer.train_step()))
