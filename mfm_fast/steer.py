@@ -9,6 +9,9 @@ Doob guidance, Euler on t_k = linspace(t_start, 1, K+1), k(t) = (1−t)/t clampe
 - SDE: x ← x + dt·(b + k·(t·b − x)/(1−t) + 2k·∇̂V) + √(2k·dt)·ξ. Where the clamp is inactive the drift equals the
   release's 2b − x/t; where it is active (t < 1/26) the same clamped σ² = 2k multiplies the score, so the SDE
   keeps the marginals of the base flow (the release keeps 2b − x/t there).
+MFM-GF follows the release's formula instead: its steering term is exactly c = (Σ w_i x̂_i − mean x̂)/max(1−t, 1e-3)
+in the ODE and 2c in the SDE, at every t: the release divides c by σ²/2 and multiplies back, so neither the clamp
+of k (t < 1/26) nor the 1e-3 clamp of ∇̂V's second 1 − t (t > 0.999) changes it (`value.mfmgf_release_ratio`).
 `renorm` ("rescale" | "clip", release: "rescale"): per sample the steering term s is multiplied by
 `renorm_scale`·‖base‖/(1e-8 + ‖s‖) — capped at 1 for "clip" — where base is the integrator's base drift.
 
@@ -31,7 +34,7 @@ from ._checks import check_finite_scalar, check_positive_int, check_state, host_
 from .interpolant import time_grid
 from .rewards import CheckedReward, as_reward
 from .value import Cost, CountedModel, CountedReward, _check_model_event, check_chunk_size, check_estimator, \
-    check_pathwise, estimate
+    check_pathwise, estimate, mfmgf_release_ratio
 
 METHODS = ("none", "mfm-g", "mfm-gf", "dps", "search", "smc")
 RENORMS = (None, "rescale", "clip")
@@ -137,6 +140,8 @@ def guided_drift(model, reward, x, t, eps, *, method: str, sde: bool, lam: float
         base, scale = b, k
     if g is None:
         return base
+    if method == "mfm-gf":  # the release's term, unclamped (module docstring)
+        scale = (2 if sde else 1) * _b(mfmgf_release_ratio(t), x)
     term = scale * g
     if renorm is not None:
         term = renormalise(base, term, renorm, renorm_scale)
