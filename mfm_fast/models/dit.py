@@ -38,6 +38,10 @@ class DiTConfig:
     xcond_guidance_ws: tuple = (1.0,)
     time_flip: bool = True  # official is_zero_data: s -> 1-s, u -> 1-u inside, output negated
     frequency_embedding_size: int = 256
+    # the release's preserve_t_cond_0 (off in MFM-XL/2): the context modulation becomes (t·shift, t·scale − 1), so
+    # t = 0 gates the context off exactly. It leaves no trace in the weights: a checkpoint trained with it must be
+    # loaded with preserve_t_cond_0=True (models.checkpoints).
+    preserve_t_cond_0: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -48,6 +52,13 @@ class DiTConfig:
             raise ValueError(f"encoder_depth must lie in [0, depth={self.depth}], got {self.encoder_depth}")
         self.class_guidance_ws = tuple(float(w) for w in self.class_guidance_ws)
         self.xcond_guidance_ws = tuple(float(w) for w in self.xcond_guidance_ws)
+        n_c, n_x = len(self.class_guidance_ws), len(self.xcond_guidance_ws)
+        if n_c < 1 or n_x < 1:
+            raise ValueError("class_guidance_ws and xcond_guidance_ws need at least one weight each (1.0 first)")
+        if n_x > 1 and (n_c - 1) + (n_x - 1) * n_x >= n_c * n_x:
+            # the release's row index class_idx + xcond_idx·n_x (guidance_index) runs past its n_c·n_x rows
+            raise ValueError(f"{n_c} class x {n_x} x-cond guidance weights: the release's guidance row index "
+                             f"class_idx + xcond_idx*{n_x} exceeds its {n_c * n_x}-row table (needs n_x <= n_c)")
 
     @property
     def num_tokens(self) -> int:
@@ -317,10 +328,13 @@ class MFMDiT(nn.Module):
 
     # ------------------------------------------------------------------ conditioning (once per group)
     def guidance_index(self, cfg: torch.Tensor, x_cond_scale: torch.Tensor) -> torch.Tensor:
+        """Row class_idx + xcond_idx·n_x of the guidance table (n_x = len(xcond_guidance_ws)), the release's
+        indexing: checkpoints it trained with several x-cond weights use exactly these rows (with n_x > 1 some
+        (class, x-cond) pairs share a row there, and so here)."""
         # nearest-row lookup; forward has already refused weights outside the tables (check_guidance_weight)
         ci = _nearest(cfg, self.config.class_guidance_ws)
         xi = _nearest(x_cond_scale, self.config.xcond_guidance_ws)
-        return ci * len(self.config.xcond_guidance_ws) + xi
+        return ci + xi * len(self.config.xcond_guidance_ws)
 
     def conditioning(self, s, u, t, y, cfg, x_cond_scale):
         """-> (c_enc, c_dec, e_t): (G, D) each."""
@@ -378,6 +392,9 @@ class MFMDiT(nn.Module):
                 for i, blk in enumerate(self.blocks)]  # 6 × (G, D) per block
         final_shift, final_scale = self.final_layer.adaLN_modulation(c_dec).chunk(2, dim=-1)
         ctx_shift, ctx_scale = self.x_cond_adaLN(e_t).chunk(2, dim=-1)
+        if self.config.preserve_t_cond_0:  # (t·shift, t·scale − 1): no context at t = 0
+            tc = t.to(ctx_shift.dtype)[:, None]
+            ctx_shift, ctx_scale = ctx_shift * tc, ctx_scale * tc - 1
 
         h = self.x_embedder(xbar)  # (R, L, D)
         hc = self.x_cond_embedder(x)  # (G, L, D)

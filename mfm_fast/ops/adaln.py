@@ -33,11 +33,12 @@ def group_view(x: torch.Tensor, groups: int) -> torch.Tensor:
 def ln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x (R, L, D); shift, scale (G, D) with R = G·N -> LN(x)·(1+scale) + shift, shape (R, L, D).
 
-    Statistics in fp32 whatever x's dtype; the result has x's dtype.
+    Statistics in fp32, or in x's dtype where that is wider (float64 in, float64 math); the result has x's dtype.
     """
     g = shift.shape[0]
-    xn = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
-    y = group_view(xn, g) * (1 + scale.float()[:, None, None, :]) + shift.float()[:, None, None, :]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xn = F.layer_norm(x.to(acc), x.shape[-1:], eps=eps)
+    y = group_view(xn, g) * (1 + scale.to(acc)[:, None, None, :]) + shift.to(acc)[:, None, None, :]
     return y.reshape(x.shape).to(x.dtype)
 
 
