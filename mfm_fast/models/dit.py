@@ -19,7 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from .. import backend
 from .._checks import as_time, check_state, host_checks_allowed, n_per_group
+from ..ops.table import Ops, reference_ops, triton_ops
 
 
 @dataclass
@@ -179,32 +181,9 @@ def _nearest(w: torch.Tensor, table: tuple) -> torch.Tensor:
     return best
 
 
-@dataclass
-class _Ops:
-    time_embed: object
-    ln_modulate: object
-    gate_residual_ln_modulate: object
-    input_stage: object
-    bias_gelu: object
-    attention: object
-    name: str = "torch"
-
-
-def reference_ops() -> _Ops:
-    from ..ops.adaln import ln_modulate_ref
-    from ..ops.attention import attention_ref
-    from ..ops.bias_gelu import bias_gelu_ref
-    from ..ops.gate_residual import gate_residual_ln_modulate_ref
-    from ..ops.input_stage import input_stage_ref
-    from ..ops.time_embed import time_embed_ref
-    return _Ops(time_embed_ref, ln_modulate_ref, gate_residual_ln_modulate_ref, input_stage_ref, bias_gelu_ref,
-                attention_ref, "torch")
-
-
-def _resolve_ops(impl: str) -> _Ops:
-    from .. import backend
+def _resolve_ops(impl: str) -> Ops:
     impl = backend.resolve_impl(impl)
-    return backend.triton_ops() if impl == "triton" else reference_ops()
+    return triton_ops() if impl == "triton" else reference_ops()
 
 
 # A guidance weight selects one learned embedding row; a value between (or beyond) the trained weights has no
@@ -313,7 +292,7 @@ class MFMDiT(nn.Module):
                 self.t_embedder_second]
 
     @property
-    def ops(self) -> _Ops:
+    def ops(self) -> Ops:
         if self._ops is None:
             self._ops = _resolve_ops(self.impl)
         return self._ops
