@@ -69,7 +69,7 @@ def __dir__():
 
 
 class _Package(types.ModuleType):
-    # Importing the submodule mfm_fast.steer (any `from .steer import ...`, e.g. by graphs, profile, cli) makes the
+    # Importing the submodule mfm_fast.steer (any `from .steer import ...`, e.g. by profile, cli) makes the
     # import system bind it as the package attribute `steer`, shadowing the public function: bind the function.
     def __setattr__(self, name, value):
         if name == "steer" and isinstance(value, types.ModuleType):

@@ -112,7 +112,7 @@ def model_workloads(config: str = "MFM-XL/2", dtype: torch.dtype = torch.bfloat1
 
     For each (states G, particles N): the forward; the backward to xbar, x, the times and every weight; and
     torch.func.jvp with tangents on every input and on u alone (the flow-map losses' ∂_u X)."""
-    from .backend import triton_ops
+    from .ops.table import triton_ops
     from .models.dit import MFMDiT
 
     with torch.device("meta"):

@@ -11,11 +11,9 @@ import importlib.util
 import os
 import warnings
 
+from .ops.launch import interpreter_on
+
 IMPLS = ("auto", "triton", "torch")
-
-
-def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,24 +30,6 @@ def triton_status() -> tuple[bool, str]:
     if major < 7:
         return False, f"GPU compute capability {major}.x is below 7.0"
     return True, f"CUDA ({torch.cuda.get_device_name()})"
-
-
-def tangent_needs_grad(*tensors) -> bool:
-    """Inside an autograd.Function's jvp: will reverse mode differentiate the tangent (e.g. a loss on ∂_u X)?
-
-    Under torch.func.jvp the tensors are wrapped and report requires_grad=False at the transform's level, so every
-    wrapped level is inspected. When True, ops compute the tangent from differentiable torch ops instead of the
-    (forward-only) jvp kernel.
-    """
-    import torch
-    if not torch.is_grad_enabled():
-        return False
-    for t in tensors:
-        while t is not None:
-            if t.requires_grad:
-                return True
-            t = torch._C._functorch.get_unwrapped(t) if torch._C._functorch.is_functorch_wrapped_tensor(t) else None
-    return False
 
 
 _warned = False
@@ -79,22 +59,10 @@ def resolve_impl(impl: str | None = None) -> str:
     return "torch"
 
 
-def triton_ops():
-    """The fused-op table used by MFMDiT(impl='triton')."""
-    from .models.dit import _Ops
-    from .ops import fused
-    return _Ops(**fused.OPS, name="triton")
-
-
 def op_kernels(impl: str) -> dict:
     """op name -> 'triton' or 'ref' for the op table MFMDiT(impl=...) would use (impl already resolved)."""
-    from .models.dit import _Ops, reference_ops
-    ops = triton_ops() if impl == "triton" else reference_ops()
-    names = [f for f in _Ops.__dataclass_fields__ if f != "name"]
-    kinds = {n: ("ref" if getattr(ops, n).__name__.endswith("_ref") else "triton") for n in names}
-    if kinds["attention"] == "triton":
-        kinds["attention"] = "dispatch (see attention)"  # flash/xformers/SDPA kernels, chosen per call
-    return kinds
+    from .ops.table import op_kernels as kinds, reference_ops, triton_ops
+    return kinds(triton_ops() if impl == "triton" else reference_ops())
 
 
 def info() -> dict:

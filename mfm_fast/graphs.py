@@ -23,7 +23,7 @@ import torch
 
 from .interpolant import time_grid
 from .rewards import CheckedReward, as_reward
-from .steer import _finish, _progress, check_steer_args, make_step, paper_nfe
+from .steps import check_steer_args, finish, make_step, paper_nfe, progress_bar
 from .value import Cost, CountedModel, CountedReward
 
 GRAPH_METHODS = ("none", "mfm-g", "mfm-gf", "dps")
@@ -266,10 +266,10 @@ def steer_graphed(model, reward, noise: torch.Tensor, steps: int = 250, method: 
     cost = Cost(batch=B, nfe=paper_nfe(method, steps, n_particles, posterior_steps=posterior_steps))
     for field in ("forward_calls", "forward_evals", "backward_evals", "reward_evals"):
         setattr(cost, field, getattr(per_step, field) * steps)
-    for _ in _progress(range(steps), progress, f"steer[{method}, graph]"):
+    for _ in progress_bar(range(steps), progress, f"steer[{method}, graph]"):
         graphed.replay()
     # inside the graph the reward's finite-value check cannot run (a host read); check the result once instead
     if not bool(torch.isfinite(graphed.x).all()):
         raise ValueError(f"graphed steering produced non-finite samples (reward {reward.name!r} or the model "
                          f"returned NaN/inf inside the captured step; run eagerly to locate it)")
-    return _finish(graphed.x.clone(), cost, reward, return_result)
+    return finish(graphed.x.clone(), cost, reward, return_result)

@@ -190,7 +190,7 @@ def peer_ops():
 
     import torch.nn.functional as F
 
-    from .models.dit import reference_ops
+    from .ops.table import reference_ops
 
     def sdpa_attention(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)

@@ -9,161 +9,44 @@ Doob guidance, Euler on t_k = linspace(t_start, 1, K+1), k(t) = (1−t)/t clampe
 - SDE: x ← x + dt·(b + k·(t·b − x)/(1−t) + 2k·∇̂V) + √(2k·dt)·ξ. Where the clamp is inactive the drift equals the
   release's 2b − x/t; where it is active (t < 1/26) the same clamped σ² = 2k multiplies the score, so the SDE
   keeps the marginals of the base flow (the release keeps 2b − x/t there).
+MFM-GF follows the release's formula instead: its steering term is exactly c = (Σ w_i x̂_i − mean x̂)/max(1−t, 1e-3)
+in the ODE and 2c in the SDE, at every t: the release divides c by σ²/2 and multiplies back, so neither the clamp
+of k (t < 1/26) nor the 1e-3 clamp of ∇̂V's second 1 − t (t > 0.999) changes it (`value.mfmgf_release_ratio`).
 `renorm` ("rescale" | "clip", release: "rescale"): per sample the steering term s is multiplied by
 `renorm_scale`·‖base‖/(1e-8 + ‖s‖) — capped at 1 for "clip" — where base is the integrator's base drift.
 
-Each step is a function of explicit tensors (`steer_step(x, t, dt, eps, xi)` built by `make_step`), so a step can
-be captured in a CUDA graph (`graph=True` hands the whole loop to `mfm_fast.graphs.steer_graphed`).
+Each step is a function of explicit tensors (`steer_step(x, t, dt, eps, xi)` built by `make_step`, both in
+`mfm_fast.steps`, which `mfm_fast.graphs` shares), so a step can be captured in a CUDA graph (`graph=True` hands
+the whole loop to `mfm_fast.graphs.steer_graphed`).
 Every sampler counts the network and reward work it actually ran (`Cost`) and reports the paper's NFE accounting.
 """
 from __future__ import annotations
 
-import functools
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
-from ._checks import check_cond_rows, check_finite_scalar, check_input, check_positive_int, host_checks_allowed
+from ._checks import check_cond_rows, check_finite_scalar, check_positive_int, host_checks_allowed
 from .interpolant import time_grid
-from .rewards import CheckedReward, as_reward, reward_name
-from .value import Cost, CountedModel, CountedReward, check_chunk_size, check_estimator, check_pathwise, estimate
+from .rewards import CheckedReward, as_reward
+from .steps import (METHODS, RENORMS, SteerResult, base_drift, bcast_t, check_clamp, check_common, check_steer_args,
+                    dps_grad, finish, full_t, guided_drift, make_step, paper_nfe, progress_bar, renormalise,
+                    steer_ratio, steer_step)
+from .value import Cost, CountedModel, CountedReward, check_estimator, check_pathwise, estimate
 
-METHODS = ("none", "mfm-g", "mfm-gf", "dps", "search", "smc")
-RENORMS = (None, "rescale", "clip")
+# the step functions and checks live in mfm_fast.steps (shared with mfm_fast.graphs); they are part of this API too
+__all__ = ["METHODS", "RENORMS", "SEARCH_MODES", "SEARCH_GRID_POWER", "SteerResult", "base_drift", "best_of_n",
+           "dps_grad", "ess", "guided_drift", "make_step", "paper_nfe", "renormalise", "search_step", "steer",
+           "steer_ratio", "steer_step", "systematic_resample"]
+
 SEARCH_MODES = ("particle", "global")
 # MFM-Search runs on linspace(t_start, 1, K+1) ** SEARCH_GRID_POWER (release), concentrating steps near t = 1.
 SEARCH_GRID_POWER = 2.5
 
 
-@dataclass
-class SteerResult:
-    samples: torch.Tensor  # (B, *event)
-    cost: Cost  # work counted while sampling (the diagnostic `rewards` below are not included)
-    rewards: torch.Tensor  # (B,) reward of each returned sample
-    particles: Optional[torch.Tensor] = None  # SMC: the weighted particles before the final resampling
-    log_weights: Optional[torch.Tensor] = None  # SMC: their normalised log weights (per population)
-    log_normalizer: Optional[torch.Tensor] = None  # SMC: log Ẑ per population, Ẑ unbiased for E_base[exp(λ·r)]
-    n_resamples: int = 0  # SMC: resampling events (summed over populations), the final one excluded
-
-    @property
-    def mean_reward(self) -> float:
-        return float(self.rewards.float().mean())
-
-
-def paper_nfe(method: str, steps: int, n_particles: int, search_particles: int = 1,
-              posterior_steps: int = 1) -> Optional[int]:
-    """NFE per output sample as the paper reports it (METHOD §3); None where the paper defines none (DPS).
-    posterior_steps = m: each one-step sample of the estimators costs m evaluations instead of one."""
-    K, N = steps, n_particles * (posterior_steps if method in ("mfm-g", "mfm-gf", "smc") else 1)
-    if method == "none":
-        return K
-    if method == "mfm-gf":
-        return K + 2 * N * K
-    if method in ("mfm-g", "smc"):  # SMC's per-step work is MFM-G's (drift + N particles forward and backward)
-        return K + 4 * N * K
-    if method == "search":
-        return 2 * search_particles * N * K
-    if method == "best-of-n":
-        return K * N + N
-    return None
-
-
-# ---------------------------------------------------------------------------------------------- step functions
-
-
-def _full(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.expand(x.shape[0]) if t.dim() == 0 else t
-
-
-def _b(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A 0-dim or (B,) time broadcast against x (B, *event)."""
-    return t if t.dim() == 0 else t.reshape(-1, *([1] * (x.dim() - 1)))
-
-
-def base_drift(model, t: torch.Tensor, x: torch.Tensor, cond: dict) -> torch.Tensor:
-    """b_t(x) = v_{t,t}(x; 0, 0), as `sampling.drift`, without its host-synchronising input checks."""
-    tb = _full(t, x)
-    return model(tb, tb, x, torch.zeros_like(tb), torch.zeros_like(x), **cond)
-
-
-def steer_ratio(t: torch.Tensor, clamp_ratio: Optional[float]) -> torch.Tensor:
-    """k(t) = (1−t)/t = σ_t²/2, clamped to ≤ clamp_ratio (the release clamps 1/t − 1 to [0, 25])."""
-    k = (1 - t) / t
-    return k.clamp(0, clamp_ratio) if clamp_ratio is not None else k.clamp_min(0)
-
-
-def renormalise(base: torch.Tensor, steer_term: torch.Tensor, renorm: str, scale: float) -> torch.Tensor:
-    """Per sample: steer_term·scale·‖base‖/(1e-8 + ‖steer_term‖); "clip" caps the factor at 1."""
-    dims = tuple(range(1, base.dim()))
-    norm = functools.partial(torch.linalg.vector_norm, dim=dims, keepdim=True)  # Tensor.norm rejects 3+ dims
-    factor = scale * norm(base) / (1e-8 + norm(steer_term))
-    if renorm == "clip":
-        factor = factor.clamp(max=1.0)
-    return steer_term * factor
-
-
-def dps_grad(model, reward, t: torch.Tensor, x: torch.Tensor, lam: float, cond: dict):
-    """(b_t(x), ∇_x λ·r(x + (1−t)·b_t(x))): backpropagation through the base drift call."""
-    with torch.enable_grad():
-        xc = x.detach().requires_grad_(True)
-        b = base_drift(model, t, xc, cond)
-        r = lam * reward(xc + (1 - _b(t, xc)) * b)
-        if not r.requires_grad:
-            raise ValueError(f"reward {reward_name(reward)!r}: no gradient reaches the state; method 'dps' needs a "
-                             "reward differentiable in its input (or use a gradient-free method: 'mfm-gf', "
-                             "'search', 'smc' with smc_estimator='mfm-gf')")
-        (g,) = torch.autograd.grad(r.sum(), xc, allow_unused=True)
-    return b.detach(), (torch.zeros_like(x) if g is None else g)
-
-
-def guided_drift(model, reward, x, t, eps, *, method: str, sde: bool, lam: float, renorm: Optional[str],
-                 renorm_scale: float, clamp_ratio: Optional[float], chunk_size: Optional[int], cond: dict,
-                 posterior_steps: int = 1):
-    """The steered drift at (t, x). eps (B, N, *event): particle noise for "mfm-g"/"mfm-gf" (else unused)."""
-    if method == "dps":
-        b, g = dps_grad(model, reward, t, x, lam, cond)
-    else:
-        b = base_drift(model, t, x, cond)
-        g = None
-        if method in ("mfm-g", "mfm-gf"):
-            _, g = estimate(model, reward, _full(t, x), x, eps, method, lam, chunk_size, cond, posterior_steps)
-    k = _b(steer_ratio(t, clamp_ratio), x)
-    if sde:
-        tb = _b(t, x)
-        base = b + k * (tb * b - x) / (1 - tb)
-        scale = 2 * k
-    else:
-        base, scale = b, k
-    if g is None:
-        return base
-    term = scale * g
-    if renorm is not None:
-        term = renormalise(base, term, renorm, renorm_scale)
-    return base + term
-
-
-def steer_step(model, reward, x, t, dt, eps, xi, *, sde: bool, clamp_ratio: Optional[float], **drift_kw):
-    """One Euler (ODE) or Euler–Maruyama (SDE) step from t to t + dt. xi (B, *event): the SDE noise."""
-    x_next = x + dt * guided_drift(model, reward, x, t, eps, sde=sde, clamp_ratio=clamp_ratio, **drift_kw)
-    if sde:
-        x_next = x_next + torch.sqrt(2 * _b(steer_ratio(t, clamp_ratio), x) * dt) * xi
-    return x_next
-
-
-def make_step(model, reward, *, method: str = "mfm-g", sde: bool = False, lam: float = 1.0,
-              renorm: Optional[str] = None, renorm_scale: float = 1.0, clamp_ratio: Optional[float] = 25.0,
-              chunk_size: Optional[int] = None, cond: Optional[dict] = None, posterior_steps: int = 1):
-    """`step(x, t, dt, eps, xi) -> x_next` for methods "none", "mfm-g", "mfm-gf", "dps": all inputs are tensors
-    (t, dt 0-dim or (B,); eps (B, N, *event) or None; xi (B, *event) or None), no host synchronisation."""
-    if method not in ("none", "mfm-g", "mfm-gf", "dps"):
-        raise ValueError(f"make_step builds Doob/DPS steps only; got method {method!r}")
-    return functools.partial(steer_step, model, reward, method=method, sde=sde, lam=lam, renorm=renorm,
-                             renorm_scale=renorm_scale, clamp_ratio=clamp_ratio, chunk_size=chunk_size,
-                             cond=cond or {}, posterior_steps=posterior_steps)
+# ---------------------------------------------------------------------------------------------- search and SMC steps
 
 
 def search_step(model, reward, x, t, t_next, eps, xi, *, mode: str, population: int, cond: dict):
@@ -171,7 +54,7 @@ def search_step(model, reward, x, t, t_next, eps, xi, *, mode: str, population: 
     "global"), move to x' = t'·x̂1* + (1−t')·ξ. eps (B, N, *event). Returns (x', x̂1*, λ-free reward of x̂1*)."""
     B, N = eps.shape[:2]
     ev = x.shape[1:]
-    tb = _full(t, x)
+    tb = full_t(t, x)
     rows = eps.reshape(B * N, *ev)
     x1 = (rows + model(torch.zeros_like(tb), torch.ones_like(tb), rows, tb, x, **cond)).view(B, N, *ev)
     r = reward(x1.reshape(B * N, *ev)).view(B, N)
@@ -185,7 +68,7 @@ def search_step(model, reward, x, t, t_next, eps, xi, *, mode: str, population: 
         x1g = x1.view(G, population * N, *ev)[torch.arange(G, device=x.device), best]
         x1b = x1g.repeat_interleave(population, dim=0)
         rb = flat.gather(1, best[:, None])[:, 0].repeat_interleave(population)
-    tn = _b(t_next, x)
+    tn = bcast_t(t_next, x)
     return tn * x1b + (1 - tn) * xi, x1b, rb
 
 
@@ -207,11 +90,6 @@ def ess(log_w: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- samplers
 
 
-def _progress(iterable, progress, desc):
-    # progress=None shows a bar only on an interactive terminal
-    return tqdm(iterable, desc=desc, disable=None if progress is None else not progress, leave=False)
-
-
 def _randn(shape, like, generator):
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
 
@@ -219,7 +97,7 @@ def _randn(shape, like, generator):
 def _run_doob(model, reward, x, grid, method, sde, n_particles, generator, progress, step_kw):
     step = make_step(model, reward, method=method, sde=sde, **step_kw)
     K = grid.shape[0] - 1
-    for k in _progress(range(K), progress, f"steer[{method}]"):
+    for k in progress_bar(range(K), progress, f"steer[{method}]"):
         eps = _randn((x.shape[0], n_particles, *x.shape[1:]), x, generator) if method in ("mfm-g", "mfm-gf") \
             else None
         xi = _randn(x.shape, x, generator) if sde else None
@@ -229,7 +107,7 @@ def _run_doob(model, reward, x, grid, method, sde, n_particles, generator, progr
 
 def _run_search(model, reward, x, grid, n_particles, mode, population, generator, progress, cond):
     K = grid.shape[0] - 1
-    for k in _progress(range(K), progress, "steer[search]"):
+    for k in progress_bar(range(K), progress, "steer[search]"):
         eps = _randn((x.shape[0], n_particles, *x.shape[1:]), x, generator)
         xi = _randn(x.shape, x, generator)
         x, _, _ = search_step(model, reward, x, grid[k], grid[k + 1], eps, xi, mode=mode, population=population,
@@ -255,14 +133,14 @@ def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, c
 
     def value(t, x_):
         eps = _randn((B, n_particles, *ev), x_, generator)
-        return estimate(model, reward, _full(t, x_), x_, eps, estimator, lam, chunk_size, cond, posterior_steps)
+        return estimate(model, reward, full_t(t, x_), x_, eps, estimator, lam, chunk_size, cond, posterior_steps)
 
     V, g = value(grid[0], x)
     log_w = V.clone()
     log_z = torch.zeros(G, device=x.device, dtype=x.dtype)
     n_res = torch.zeros((), device=x.device, dtype=torch.long)
     offs = (torch.arange(G, device=x.device) * P)[:, None]
-    for k in _progress(range(K), progress, "steer[smc]"):
+    for k in progress_bar(range(K), progress, "steer[smc]"):
         t, dt = grid[k], grid[k + 1] - grid[k]
         kk = steer_ratio(t, clamp_ratio)
         b = base_drift(model, t, x, cond)
@@ -299,46 +177,6 @@ def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, c
     return x[idx], x, log_w_norm, log_z, int(n_res)
 
 
-def _check_common(model, noise, steps, t_start):
-    check_input("noise", noise, model)  # finite too: NaN noise would otherwise surface as a non-finite reward
-    check_positive_int("steps", steps)
-    t_start = check_finite_scalar("t_start", t_start)
-    if not 0 < t_start < 1:
-        raise ValueError(f"t_start must lie in (0, 1) (the guidance divides by t), got {t_start}")
-    # Near 1 the (at least fp32) grid rounds interior points to 1 or onto each other: the SDE then divides by
-    # 1 − t = 0 and SMC's transition density by dt = 0.
-    grid = time_grid(t_start, steps, noise)
-    if bool(((grid[1:] <= grid[:-1]).any() | (grid[:-1] >= 1).any())):
-        raise ValueError(f"t_start={t_start} is too close to 1 for steps={steps}: in {grid.dtype} the time grid "
-                         f"linspace(t_start, 1, steps + 1) has repeated points or interior points equal to 1; "
-                         "lower t_start or steps")
-    return t_start
-
-
-def check_steer_args(model, noise, steps, t_start, method, n_particles, lam, renorm, renorm_scale, clamp_ratio,
-                     chunk_size, methods=METHODS):
-    """Validate the arguments steer and steer_graphed share -> (t_start, lam, renorm_scale, chunk_size), with
-    chunk_size="auto" resolved once per run (static shapes for CUDA graphs)."""
-    t_start = _check_common(model, noise, steps, t_start)
-    if method not in methods:
-        raise ValueError(f"method must be one of {methods}, got {method!r}")
-    check_positive_int("n_particles", n_particles)
-    lam = check_finite_scalar("lam", lam)
-    if renorm not in RENORMS:
-        raise ValueError(f"renorm must be one of {RENORMS}, got {renorm!r}")
-    renorm_scale = check_finite_scalar("renorm_scale", renorm_scale)
-    _check_clamp(clamp_ratio)
-    if isinstance(chunk_size, str) and chunk_size == "auto":
-        from .memory import auto_chunk_size
-        chunk_size = auto_chunk_size(model, noise.shape[0], n_particles, noise.dtype, noise.device)
-    return t_start, lam, renorm_scale, check_chunk_size(chunk_size)
-
-
-def _check_clamp(clamp_ratio):
-    if clamp_ratio is not None and not check_finite_scalar("clamp_ratio", clamp_ratio) > 0:
-        raise ValueError(f"clamp_ratio must be positive or None, got {clamp_ratio}")
-
-
 def _check_population(population, B):
     if population is None:
         return B
@@ -366,14 +204,6 @@ def _check_population_cond(method, population, cond, B):
             raise ValueError(f"method={method!r} resamples within a population of {population} rows, but {name} "
                              f"differs within a population, which would move chains across conditionings: pass "
                              f"population= so that each population holds one {name} (its rows contiguous); {hint}")
-
-
-def _finish(samples, cost, reward, return_result, **extra):
-    if not return_result:
-        return samples
-    with torch.no_grad():
-        rewards = reward(samples)
-    return SteerResult(samples, cost, rewards, **extra)
 
 
 def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "mfm-g", n_particles: int = 1,
@@ -445,7 +275,7 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
             step_kw = dict(lam=lam, renorm=renorm, renorm_scale=renorm_scale, clamp_ratio=clamp_ratio,
                            chunk_size=chunk_size, cond=cond, posterior_steps=posterior_steps)
             x = _run_doob(cmodel, creward, noise, grid, method, sde, n_particles, generator, progress, step_kw)
-    return _finish(x, cost, reward, return_result, **extra)
+    return finish(x, cost, reward, return_result, **extra)
 
 
 def _try_graphed(model, reward, noise, kwargs):
@@ -470,9 +300,9 @@ def best_of_n(model, reward, noise: torch.Tensor, n: int, steps: int = 250, t_st
               return_result: bool = False, progress: Optional[bool] = None, **cond):
     """Best-of-N: for each row of `noise` (B, *event), n base samples (Euler, `steps` steps; the first starts from
     that row, the other n − 1 from fresh noise), keep the one with the highest reward. Cost K·n + n per sample."""
-    t_start = _check_common(model, noise, steps, t_start)
+    t_start = check_common(model, noise, steps, t_start)
     check_positive_int("n", n)
-    _check_clamp(clamp_ratio)
+    check_clamp(clamp_ratio)
     check_cond_rows(cond, noise.shape[0], "noise")
     reward = reward if isinstance(reward, CheckedReward) else as_reward(reward)
     B, ev = noise.shape[0], noise.shape[1:]

@@ -124,8 +124,15 @@ def _blocks(B: int, N: int, chunk_size: Optional[int]):
 
 
 def mfmgf_prefactor(t: torch.Tensor) -> torch.Tensor:
-    """t/(1−t)² with 1 − t clamped below at ONE_MINUS_T_MIN (finite at t = 1)."""
+    """t/(1−t)² with both factors 1 − t clamped below at ONE_MINUS_T_MIN (finite at t = 1)."""
     return t / (1 - t).clamp_min(ONE_MINUS_T_MIN) ** 2
+
+
+def mfmgf_release_ratio(t: torch.Tensor) -> torch.Tensor:
+    """max(1−t, ONE_MINUS_T_MIN)/t: times the MFM-GF ∇̂V (`mfmgf_prefactor`) it gives the release's correction
+    (Σ w_i x̂_i − mean x̂)/max(1−t, 1e-3), the term its ODE adds to the drift whatever σ²(t) is (the release divides
+    its correction by σ²/2 and multiplies back, so neither the clamp of (1−t)/t nor the t > 0.999 clamp enters)."""
+    return (1 - t).clamp_min(ONE_MINUS_T_MIN) / t
 
 
 def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tensor, estimator: str = "mfm-g",
@@ -213,8 +220,8 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     """Value V̂_t(x) and value gradient ∇̂V_t(x) from `n_particles` one-step posterior samples per state.
 
     t: scalar or (B,) in [0, 1]; x: (B, *event). `estimator`: "mfm-g" (reward gradients through the network's
-    context input) or "mfm-gf" (gradient-free; t/(1−t)² uses 1 − t clamped at 1e-3 as in the release, so it stays
-    finite at t = 1). `chunk_size`: the most (state, particle) rows per network call — particles are split into
+    context input) or "mfm-gf" (gradient-free; in t/(1−t)² both factors 1 − t are clamped at 1e-3, so it stays
+    finite at t = 1 — the release clamps only the one 1 − t of its correction; `steer` reproduces that term). `chunk_size`: the most (state, particle) rows per network call — particles are split into
     blocks first, then states; the result equals the unchunked one up to rounding (the noise is drawn once, the
     per-block log-sum-exps and softmax-weighted gradients are merged exactly). `noise`: (B, N, *event) or
     (B·N, *event) with the particles of a state contiguous, used instead of drawing from `generator`.

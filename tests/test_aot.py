@@ -88,7 +88,7 @@ def test_torch_compile_traces_the_triton_model_in_one_graph_with_its_backward():
     script = textwrap.dedent('''
         import collections, json, torch
         from mfm_fast import aot
-        from mfm_fast.backend import triton_ops
+        from mfm_fast.ops.table import triton_ops
         from mfm_fast.models.dit import MFMDiT
         with torch.device("meta"):
             m = MFMDiT("MFM-T/2", impl="torch", depth=2, encoder_depth=1).to(torch.bfloat16)

@@ -190,7 +190,7 @@ def test_sit_xl2_spec_shapes_on_meta():
 
 def test_official_forward_matches_the_spec_on_random_weights():
     raw = small_official()
-    model = load_official_mfm(raw, impl="torch")
+    model = load_official_mfm(raw, impl="torch", config="MFM-T/2")
     sd = {k[len(PREFIX):]: v for k, v in raw.items()}
     assert model.config.num_heads == 2 and model.config.encoder_depth == 2 and model.config.time_flip
     inp = inputs()
@@ -218,7 +218,7 @@ def test_missing_key_is_named(drop, needle):
     raw = small_official()
     del raw[PREFIX + drop]
     with pytest.raises(CheckpointError, match=needle) as err:
-        load_official_mfm(raw, impl="torch")
+        load_official_mfm(raw, impl="torch", config="MFM-T/2")
     assert repr(drop) in str(err.value)
 
 
@@ -226,23 +226,24 @@ def test_unexpected_and_misshaped_keys_are_named():
     raw = small_official()
     raw[PREFIX + "blocks.0.attn.q_norm.weight"] = torch.randn(72)
     with pytest.raises(CheckpointError, match="unexpected keys") as err:
-        load_official_mfm(raw, impl="torch")
+        load_official_mfm(raw, impl="torch", config="MFM-T/2")
     assert "'blocks.0.attn.q_norm.weight'" in str(err.value) and "ignore=" in str(err.value)
     raw["teacher.blocks.0.attn.qkv.weight"] = torch.randn(3)
-    model = load_official_mfm(raw, impl="torch", ignore=("blocks.0.attn.q_norm.", "teacher."))
+    model = load_official_mfm(raw, impl="torch", config="MFM-T/2", ignore=("blocks.0.attn.q_norm.", "teacher."))
     assert "blocks.0.attn.q_norm.weight" not in model.state_dict()
 
     raw = small_official()
     raw[PREFIX + "blocks.1.attn.proj.weight"] = torch.randn(144, 145)
     with pytest.raises(CheckpointError, match="wrong shapes") as err:
-        load_official_mfm(raw, impl="torch")
+        load_official_mfm(raw, impl="torch", config="MFM-T/2")
     assert "'blocks.1.attn.proj.weight'" in str(err.value) and "(144, 145)" in str(err.value)
 
     raw = small_official()
     raw[PREFIX + "guidance_embedder.embedding_table.weight"] = torch.randn(3, 144)
+    arch = dict(num_heads=2, encoder_depth=2, preserve_t_cond_0=False)  # inferred, not from a registry config
     with pytest.raises(CheckpointError, match="class_guidance_ws"):
-        load_official_mfm(raw, impl="torch")
-    model = load_official_mfm(raw, impl="torch", class_guidance_ws=(1.0, 2.0, 4.0))
+        load_official_mfm(raw, impl="torch", **arch)
+    model = load_official_mfm(raw, impl="torch", class_guidance_ws=(1.0, 2.0, 4.0), **arch)
     assert model.guidance_embedder.embedding_table.weight.shape == (3, 144)
 
 
@@ -251,13 +252,13 @@ def test_unknown_hidden_size_asks_for_num_heads():
     state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     with pytest.raises(CheckpointError, match="num_heads"):
         load_official_mfm(state, device="meta")
-    model = load_official_mfm(state, device="meta", num_heads=4, encoder_depth=1)
+    model = load_official_mfm(state, device="meta", num_heads=4, encoder_depth=1, preserve_t_cond_0=False)
     assert model.config.num_heads == 4 and model.config.encoder_depth == 1
 
 
 def test_nestings_prefixes_and_ignored_entries_load_the_same_weights():
     flat = random_state(official_shapes(**SMALL))
-    base = load_official_mfm({PREFIX + k: v for k, v in flat.items()}, impl="torch")
+    base = load_official_mfm({PREFIX + k: v for k, v in flat.items()}, impl="torch", config="MFM-T/2")
     variants = [
         {"state_dict": {**{PREFIX + k: v for k, v in flat.items()}, "model.latents_scale": torch.ones(1, 4, 1, 1),
                         "model.weighting_model.net.0.weight": torch.randn(3, 3)}, "epoch": 3},
@@ -267,28 +268,28 @@ def test_nestings_prefixes_and_ignored_entries_load_the_same_weights():
         dict(flat),
     ]
     for nested in variants:
-        model = load_official_mfm(nested, impl="torch")
+        model = load_official_mfm(nested, impl="torch", config="MFM-T/2")
         for k, v in base.state_dict().items():
             assert torch.equal(model.state_dict()[k], v), k
     with pytest.raises(CheckpointError, match="both map"):
-        load_official_mfm({**{PREFIX + k: v for k, v in flat.items()}, "pos_embed": flat["pos_embed"]})
+        load_official_mfm({**{PREFIX + k: v for k, v in flat.items()}, "pos_embed": flat["pos_embed"]}, config="MFM-T/2")
 
 
 def test_weights_only_file_round_trip_and_refusal(tmp_path):
     raw = small_official(seed=3)
     path = tmp_path / "mfm-small.pt"
     torch.save(raw, path)
-    model = load_official_mfm(str(path), impl="torch", dtype=torch.float64)
+    model = load_official_mfm(str(path), impl="torch", config="MFM-T/2", dtype=torch.float64)
     assert model.pos_embed.dtype == torch.float64
     torch.testing.assert_close(model.pos_embed.float(), raw[PREFIX + "pos_embed"])
     legacy = tmp_path / "legacy.pt"  # the pre-zip serializer cannot be memory-mapped: read without mmap
     torch.save(raw, legacy, _use_new_zipfile_serialization=False)
-    torch.testing.assert_close(load_official_mfm(legacy, impl="torch").pos_embed, raw[PREFIX + "pos_embed"])
+    torch.testing.assert_close(load_official_mfm(legacy, impl="torch", config="MFM-T/2").pos_embed, raw[PREFIX + "pos_embed"])
     bad = tmp_path / "with-args.pt"
     torch.save({"model": raw, "args": argparse.Namespace(lr=1e-4)}, bad)
     with pytest.raises(CheckpointError, match="weights_only=False"):
-        load_official_mfm(bad, impl="torch")
-    assert load_official_mfm(bad, impl="torch", weights_only=False).config.depth == 3
+        load_official_mfm(bad, impl="torch", config="MFM-T/2")
+    assert load_official_mfm(bad, impl="torch", config="MFM-T/2", weights_only=False).config.depth == 3
     with pytest.raises(FileNotFoundError):
         load_official_mfm(tmp_path / "nope.pt")
 
@@ -308,7 +309,7 @@ def test_safetensors_round_trip_keeps_config(tmp_path):
     # an official-format safetensors file (prefixed keys, no metadata) is read like the .pt release
     from safetensors.torch import save_file
     save_file(small_official(seed=4), tmp_path / "official.safetensors")
-    assert load_official_mfm(tmp_path / "official.safetensors", impl="torch").config.time_flip
+    assert load_official_mfm(tmp_path / "official.safetensors", impl="torch", config="MFM-T/2").config.time_flip
 
 
 def test_mfm_fast_training_checkpoint_uses_its_stored_config_and_ema(tmp_path):
@@ -329,7 +330,7 @@ def test_mfm_fast_training_checkpoint_uses_its_stored_config_and_ema(tmp_path):
 
 def test_mfm_from_sit_reproduces_the_sit_velocity_on_the_diagonal():
     sd = random_state(sit_shapes(**SMALL), seed=5)
-    model = mfm_from_sit({"ema": {"module." + k: v for k, v in sd.items()}, "args": {}}, impl="torch")
+    model = mfm_from_sit({"ema": {"module." + k: v for k, v in sd.items()}, "args": {}}, impl="torch", config="MFM-T/2")
     assert not model.config.time_flip and not model.config.learn_sigma
     inp = inputs(B=4, seed=6)
     t = inp["s"]
@@ -352,7 +353,7 @@ def test_mfm_from_dmf_orientation_flips_time_and_drops_extra_heads():
     shapes = sit_shapes(**SMALL)
     shapes.update({"final_layer.linear.weight": (16, 144), "final_layer.linear.bias": (16,)})
     sd = random_state(shapes, seed=8)
-    model = mfm_from_sit({**sd, "logvar_linear.weight": torch.randn(1, 144)}, impl="torch", time_flip=True,
+    model = mfm_from_sit({**sd, "logvar_linear.weight": torch.randn(1, 144)}, impl="torch", time_flip=True, config="MFM-T/2",
                          ignore=("logvar_linear.",))
     inp = inputs(B=3, seed=9)
     t = inp["s"]
@@ -366,5 +367,5 @@ def test_mfm_from_sit_is_strict():
     del sd["t_embedder.mlp.2.bias"]
     sd["x_cond_embedder.proj.bias"] = torch.zeros(144)
     with pytest.raises(CheckpointError) as err:
-        mfm_from_sit(sd, impl="torch")
+        mfm_from_sit(sd, impl="torch", config="MFM-T/2")
     assert "'t_embedder.mlp.2.bias'" in str(err.value) and "'x_cond_embedder.proj.bias'" in str(err.value)

@@ -1,4 +1,6 @@
 """`python -m mfm_fast sample|steer` end to end on CPU: tiny official-format checkpoint, tiny VAE, stand-in reward."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +26,9 @@ def files(tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    torch.save({"model.model.dit." + k: v for k, v in model.state_dict().items()}, root / "mfm-tiny.pt")
+    # release-format keys; a tiny architecture is not the released one, so its config travels with the weights
+    torch.save({"model": {"model.model.dit." + k: v for k, v in model.state_dict().items()},
+                "config": dataclasses.asdict(model.config)}, root / "mfm-tiny.pt")
     return root
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import mfm_fast.ops.adaln as adaln
-from mfm_fast.ops.adaln import ln_modulate, ln_modulate_ref, poisoned_outputs
+from mfm_fast.ops.adaln import ln_modulate, ln_modulate_ref
+from mfm_fast.ops.launch import poisoned_outputs
 
 # (G groups, N particles per group, L tokens, D features): D not a power of two, N > 1, and the XL width with 2 rows
 SHAPES = [(3, 1, 7, 300), (2, 3, 5, 300), (1, 2, 1, 1152)]
@@ -178,7 +179,7 @@ def test_opcheck_of_the_registered_op():
 
 @pytest.mark.interpret
 def test_row_warps_override_changes_the_launch_not_the_values(monkeypatch):
-    from mfm_fast.ops.adaln import row_config
+    from mfm_fast.ops.launch import row_config
     x, shift, scale = make_inputs(2, 3, 5, 300)
     default = ln_modulate(x, shift, scale)
     assert row_config(1152) == (2048, 2, 8)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from mfm_fast import backend
-from mfm_fast.ops.adaln import poisoned_outputs
+from mfm_fast.ops import launch
 from mfm_fast.ops.bias_gelu import bias_gelu, bias_gelu_ref
+from mfm_fast.ops.launch import poisoned_outputs
 
 # the interpreter evaluates σ with numpy, whose exp overflows (harmlessly, to σ = 0) for large negative inputs
 pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")]
@@ -95,7 +95,7 @@ def test_bad_inputs_name_the_argument(monkeypatch):
         bias_gelu(torch.randn(4, 8), torch.randn(7))
     with pytest.raises(TypeError, match="fp32 only; x, bias not float32"):
         bias_gelu(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16))
-    monkeypatch.setattr(backend, "interpreter_on", lambda: False)
+    monkeypatch.setattr(launch, "interpreter_on", lambda: False)
     with pytest.raises(RuntimeError, match="bias_gelu: CPU tensors need the Triton interpreter"):
         bias_gelu(torch.randn(4, 8), torch.randn(8))
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import mfm_fast.ops.gate_residual as gate_residual_module
-from mfm_fast.ops.adaln import poisoned_outputs
 from mfm_fast.ops.gate_residual import (gate_residual, gate_residual_ln_modulate, gate_residual_ln_modulate_ref,
                                         gate_residual_ref)
+from mfm_fast.ops.launch import poisoned_outputs
 
 # (G groups, N particles per group, L tokens, D features): D not a power of two, N > 1, and the XL width with 3 rows
 SHAPES = [(3, 1, 7, 300), (2, 3, 5, 300), (3, 1, 1, 1152)]

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import mfm_fast.ops.input_stage as input_stage_module
-from mfm_fast.ops.adaln import poisoned_outputs
 from mfm_fast.ops.input_stage import input_stage, input_stage_ref
+from mfm_fast.ops.launch import poisoned_outputs
 
 # (G groups, N particles per group, L tokens, D features): D not a power of two, N > 1, and the XL width
 SHAPES = [(3, 1, 7, 300), (2, 3, 5, 300), (1, 3, 1, 1152)]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mfm_fast.ops.adaln import poisoned_outputs
+from mfm_fast.ops.launch import poisoned_outputs
 from mfm_fast.ops.time_embed import time_embed, time_embed_ref
 
 pytestmark = pytest.mark.interpret

@@ -230,12 +230,22 @@ def _shape(state, name):
     return tuple(state[name].shape)
 
 
+# The one architecture the release published weights for (conf/model/sit_xl_2.yaml; the SiT-XL/2 it starts from has
+# the same backbone): (hidden, depth, patch) -> what its shapes cannot tell.
+PUBLISHED = {(1152, 28, 2): dict(num_heads=16, encoder_depth=20, preserve_t_cond_0=False)}
+# config fields that leave no trace in the weights
+TRACELESS = ("num_heads", "encoder_depth", "preserve_t_cond_0")
+
+
 def infer_config(state: Mapping, sit: bool = False, **overrides) -> DiTConfig:
     """The DiTConfig whose parameters have the shapes in `state` ({MFMDiT name: tensor or anything with .shape}).
 
     Shapes fix hidden size, depth, patch, channels, token grid, classes, guidance rows and learn_sigma. The head
-    count and the encoder depth leave no trace in the shapes: they come from the registry config with the same
-    hidden size (heads) and the same hidden size and depth (encoder depth), unless given as overrides.
+    count, the encoder depth and the release's preserve_t_cond_0 leave no trace in the weights: they are taken
+    from the released MFM-XL/2 config (16 heads, encoder depth 20, preserve_t_cond_0 off) only when the shapes are
+    that architecture; for any other they must be given as overrides (a CheckpointError says which), since a
+    registry config of the same size may well differ from the file's (preserve_t_cond_0 is not asked for SiT
+    files, whose MFM is new).
     """
     D, C, p, p2 = _shape(state, "x_embedder.proj.weight")
     if p != p2:
@@ -255,18 +265,18 @@ def infer_config(state: Mapping, sit: bool = False, **overrides) -> DiTConfig:
                time_flip=not sit)
     if depth:
         cfg["mlp_ratio"] = _shape(state, "blocks.0.mlp.fc1.weight")[0] / D
-    same_hidden = {c["num_heads"] for c in CONFIGS.values() if c["hidden_size"] == D}
-    if "num_heads" not in overrides:
-        if len(same_hidden) != 1:
-            raise CheckpointError(f"cannot infer num_heads for hidden size {D} (no unique registry config): "
-                                  "pass num_heads=...")
-        cfg["num_heads"] = same_hidden.pop()
-    same_arch = {c["encoder_depth"] for c in CONFIGS.values() if c["hidden_size"] == D and c["depth"] == depth}
-    if "encoder_depth" not in overrides:
-        if len(same_arch) != 1:
-            raise CheckpointError(f"cannot infer encoder_depth for hidden size {D}, depth {depth}: "
-                                  "pass encoder_depth=...")
-        cfg["encoder_depth"] = same_arch.pop()
+    needed = [f for f in TRACELESS if f not in overrides and not (sit and f == "preserve_t_cond_0")]
+    published = PUBLISHED.get((D, depth, p))
+    if published is not None:
+        cfg.update({f: published[f] for f in needed})
+    elif needed:
+        alike = [f"{name} ({c['num_heads']} heads, encoder depth {c['encoder_depth']})" for name, c in CONFIGS.items()
+                 if c["hidden_size"] == D and c["depth"] == depth]
+        hint = f"; registry configs of this size, for reference: {', '.join(alike)}" if alike else ""
+        raise CheckpointError(
+            f"hidden size {D}, depth {depth}, patch {p} is not the released MFM-XL/2, and {', '.join(needed)} leave "
+            f"no trace in the weights: pass {', '.join(f + '=...' for f in needed)} (or config=<name or DiTConfig>)"
+            + hint)
     if not sit and "class_guidance_ws" not in overrides and "xcond_guidance_ws" not in overrides:
         n_rows = _shape(state, "guidance_embedder.embedding_table.weight")[0]
         default = DiTConfig()
@@ -282,6 +292,20 @@ def infer_config(state: Mapping, sit: bool = False, **overrides) -> DiTConfig:
     return DiTConfig(**{**cfg, **overrides})
 
 
+def _file_config(state: Mapping, stored: Optional[DiTConfig], config, overrides: dict) -> DiTConfig:
+    """The config stored with the weights, else `config` (a registry name or DiTConfig), else the inferred one;
+    overrides win. A `config` that contradicts the stored one is an error."""
+    if config is not None:
+        chosen = make_config(config)
+        if stored is not None and stored != chosen:
+            raise CheckpointError(f"config={config!r} contradicts the config stored in the checkpoint ({stored}); "
+                                  "drop config= or pass the fields to change as overrides")
+        return make_config(chosen, **overrides)
+    if stored is not None:
+        return make_config(stored, **overrides)
+    return infer_config(state, **overrides)
+
+
 def expected_shapes(config: DiTConfig) -> dict:
     with torch.device("meta"):
         model = MFMDiT(config, impl="torch")
@@ -290,18 +314,24 @@ def expected_shapes(config: DiTConfig) -> dict:
 
 # ---------------------------------------------------------------------------------------------- loaders
 def load_official_mfm(path_or_state_dict, impl: str = "auto", dtype: Optional[torch.dtype] = None,
-                      device="cpu", *, weights_only: bool = True, ignore: tuple = (), **overrides) -> MFMDiT:
+                      device="cpu", *, weights_only: bool = True, ignore: tuple = (), config=None,
+                      preserve_t_cond_0: Optional[bool] = None, **overrides) -> MFMDiT:
     """MFMDiT with the weights of the official `mfm-xl2.pt` (or of a nested/prefixed training checkpoint, or of
-    an mfm_fast .safetensors file). The config is inferred from the shapes (`infer_config`; `overrides` such as
-    num_heads=, encoder_depth=, time_flip= win). Strict: any missing, unexpected or mis-shaped key raises a
-    CheckpointError naming it; `ignore` drops keys by prefix. dtype=None keeps the stored dtype. device="meta"
-    checks keys and shapes without allocating."""
+    an mfm_fast .safetensors file).
+
+    The config is the one stored in the file (mfm_fast's formats), else `config` (a registry name or DiTConfig),
+    else inferred from the shapes (`infer_config`): the released MFM-XL/2 architecture loads as is; any other
+    needs num_heads=, encoder_depth= and preserve_t_cond_0=, which leave no trace in the weights. `overrides`
+    (num_heads=, encoder_depth=, time_flip=, ...) win. `preserve_t_cond_0`: the release option of that name
+    (context modulation (t·shift, t·scale − 1), DiTConfig); None keeps the stored value, or the released XL/2's
+    False — pass True for a checkpoint the release trained with it, which the weights cannot reveal. Strict: any
+    missing, unexpected or mis-shaped key raises a CheckpointError naming it; `ignore` drops keys by prefix.
+    dtype=None keeps the stored dtype. device="meta" checks keys and shapes without allocating."""
+    if preserve_t_cond_0 is not None:
+        overrides["preserve_t_cond_0"] = bool(preserve_t_cond_0)
     raw, stored_config = read_state_dict(path_or_state_dict, weights_only=weights_only)
     state = canonicalize(raw, ignore)
-    if stored_config is not None:
-        config = make_config(stored_config, **overrides)
-    else:
-        config = infer_config(state, **overrides)
+    config = _file_config(state, stored_config, config, overrides)
     check_keys(state, expected_shapes(config))
     with torch.device("meta"):
         model = MFMDiT(config, impl=impl)
@@ -312,17 +342,22 @@ def load_official_mfm(path_or_state_dict, impl: str = "auto", dtype: Optional[to
 
 
 def mfm_from_sit(path_or_state_dict, impl: str = "auto", dtype: Optional[torch.dtype] = None, device="cpu", *,
-                 weights_only: bool = True, ignore: tuple = (), **overrides) -> MFMDiT:
+                 weights_only: bool = True, ignore: tuple = (), config=None, **overrides) -> MFMDiT:
     """Start an MFM from an official SiT checkpoint (OFFICIAL_CHECKPOINT.md §5.1), no time flip (pass
     time_flip=True for DMF-orientation checkpoints, t = 0 data; their extra heads can be dropped with `ignore`).
 
     SiT's modules are copied 1:1; its 2C-channel final layer keeps the velocity rows (p, q, c < C); its time
     embedder initialises s_embedder and t_embedder_second, after which t_embedder.mlp.2 is zeroed; the context
     branch, t_cond embedder and guidance table keep MFMDiT's gated-off init. On the diagonal s = u the result is
-    SiT's velocity at that time, for any (t, x) context.
+    SiT's velocity at that time, for any (t, x) context. The config is inferred from the shapes as in
+    `load_official_mfm`: SiT-XL/2 gets the released MFM-XL/2's heads and encoder depth, any other size needs
+    num_heads= and encoder_depth=, or `config` (a registry name or DiTConfig) to take them from.
     """
     raw, _ = read_state_dict(path_or_state_dict, weights_only=weights_only)
     state = canonicalize(raw, ignore)
+    if config is not None:
+        chosen = make_config(config)
+        overrides = {"num_heads": chosen.num_heads, "encoder_depth": chosen.encoder_depth, **overrides}
     sit_config = infer_config(state, sit=True, **overrides)
     expected = {k: v for k, v in expected_shapes(sit_config).items() if k.split(".")[0] in SIT_MODULES}
     check_keys(state, expected, what="SiT checkpoint")

@@ -19,7 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from .. import backend
 from .._checks import as_time, check_dtype, check_finite, check_state, host_checks_allowed, n_per_group
+from ..ops.table import Ops, reference_ops, triton_ops
 
 
 @dataclass
@@ -38,6 +40,10 @@ class DiTConfig:
     xcond_guidance_ws: tuple = (1.0,)
     time_flip: bool = True  # official is_zero_data: s -> 1-s, u -> 1-u inside, output negated
     frequency_embedding_size: int = 256
+    # the release's preserve_t_cond_0 (off in MFM-XL/2): the context modulation becomes (t·shift, t·scale − 1), so
+    # t = 0 gates the context off exactly. It leaves no trace in the weights: a checkpoint trained with it must be
+    # loaded with preserve_t_cond_0=True (models.checkpoints).
+    preserve_t_cond_0: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -48,6 +54,13 @@ class DiTConfig:
             raise ValueError(f"encoder_depth must lie in [0, depth={self.depth}], got {self.encoder_depth}")
         self.class_guidance_ws = tuple(float(w) for w in self.class_guidance_ws)
         self.xcond_guidance_ws = tuple(float(w) for w in self.xcond_guidance_ws)
+        n_c, n_x = len(self.class_guidance_ws), len(self.xcond_guidance_ws)
+        if n_c < 1 or n_x < 1:
+            raise ValueError("class_guidance_ws and xcond_guidance_ws need at least one weight each (1.0 first)")
+        if n_x > 1 and (n_c - 1) + (n_x - 1) * n_x >= n_c * n_x:
+            # the release's row index class_idx + xcond_idx·n_x (guidance_index) runs past its n_c·n_x rows
+            raise ValueError(f"{n_c} class x {n_x} x-cond guidance weights: the release's guidance row index "
+                             f"class_idx + xcond_idx*{n_x} exceeds its {n_c * n_x}-row table (needs n_x <= n_c)")
 
     @property
     def num_tokens(self) -> int:
@@ -168,32 +181,9 @@ def _nearest(w: torch.Tensor, table: tuple) -> torch.Tensor:
     return best
 
 
-@dataclass
-class _Ops:
-    time_embed: object
-    ln_modulate: object
-    gate_residual_ln_modulate: object
-    input_stage: object
-    bias_gelu: object
-    attention: object
-    name: str = "torch"
-
-
-def reference_ops() -> _Ops:
-    from ..ops.adaln import ln_modulate_ref
-    from ..ops.attention import attention_ref
-    from ..ops.bias_gelu import bias_gelu_ref
-    from ..ops.gate_residual import gate_residual_ln_modulate_ref
-    from ..ops.input_stage import input_stage_ref
-    from ..ops.time_embed import time_embed_ref
-    return _Ops(time_embed_ref, ln_modulate_ref, gate_residual_ln_modulate_ref, input_stage_ref, bias_gelu_ref,
-                attention_ref, "torch")
-
-
-def _resolve_ops(impl: str) -> _Ops:
-    from .. import backend
+def _resolve_ops(impl: str) -> Ops:
     impl = backend.resolve_impl(impl)
-    return backend.triton_ops() if impl == "triton" else reference_ops()
+    return triton_ops() if impl == "triton" else reference_ops()
 
 
 # A guidance weight selects one learned embedding row; a value between (or beyond) the trained weights has no
@@ -302,7 +292,7 @@ class MFMDiT(nn.Module):
                 self.t_embedder_second]
 
     @property
-    def ops(self) -> _Ops:
+    def ops(self) -> Ops:
         if self._ops is None:
             self._ops = _resolve_ops(self.impl)
         return self._ops
@@ -317,10 +307,13 @@ class MFMDiT(nn.Module):
 
     # ------------------------------------------------------------------ conditioning (once per group)
     def guidance_index(self, cfg: torch.Tensor, x_cond_scale: torch.Tensor) -> torch.Tensor:
+        """Row class_idx + xcond_idx·n_x of the guidance table (n_x = len(xcond_guidance_ws)), the release's
+        indexing: checkpoints it trained with several x-cond weights use exactly these rows (with n_x > 1 some
+        (class, x-cond) pairs share a row there, and so here)."""
         # nearest-row lookup; forward has already refused weights outside the tables (check_guidance_weight)
         ci = _nearest(cfg, self.config.class_guidance_ws)
         xi = _nearest(x_cond_scale, self.config.xcond_guidance_ws)
-        return ci * len(self.config.xcond_guidance_ws) + xi
+        return ci + xi * len(self.config.xcond_guidance_ws)
 
     def conditioning(self, s, u, t, y, cfg, x_cond_scale):
         """-> (c_enc, c_dec, e_t): (G, D) each."""
@@ -386,6 +379,9 @@ class MFMDiT(nn.Module):
                 for i, blk in enumerate(self.blocks)]  # 6 × (G, D) per block
         final_shift, final_scale = self.final_layer.adaLN_modulation(c_dec).chunk(2, dim=-1)
         ctx_shift, ctx_scale = self.x_cond_adaLN(e_t).chunk(2, dim=-1)
+        if self.config.preserve_t_cond_0:  # (t·shift, t·scale − 1): no context at t = 0
+            tc = t.to(ctx_shift.dtype)[:, None]
+            ctx_shift, ctx_scale = ctx_shift * tc, ctx_scale * tc - 1
 
         h = self.x_embedder(xbar)  # (R, L, D)
         hc = self.x_cond_embedder(x)  # (G, L, D)

@@ -23,10 +23,11 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q, k, v (R, H, L, Dh) -> (R, H, L, Dh); statistics in fp32."""
+    """q, k, v (R, H, L, Dh) -> (R, H, L, Dh); statistics in fp32, or in q's dtype where that is wider."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = torch.einsum("rhld,rhmd->rhlm", q.float(), k.float()) * scale
-    return torch.einsum("rhlm,rhmd->rhld", logits.softmax(-1), v.float()).to(q.dtype)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    logits = torch.einsum("rhld,rhmd->rhlm", q.to(acc), k.to(acc)) * scale
+    return torch.einsum("rhlm,rhmd->rhld", logits.softmax(-1), v.to(acc)).to(q.dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
-from .adaln import (BWD_PROGRAMS, check_groups, check_kernel_inputs, differentiable_by_recompute, filled_or,
-                    group_view, launch_rows, ln_modulate_ref, ln_modulate_tangent_ref, new_buffer, present_or,
-                    row_plan, sum_partials, tangent_or_zero)
+from .adaln import ln_modulate_ref, ln_modulate_tangent_ref
+from .launch import (BWD_PROGRAMS, check_groups, check_kernel_inputs, differentiable_by_recompute, filled_or,
+                     group_view, launch_rows, new_buffer, present_or, row_plan, sum_partials, tangent_or_zero)
 
 try:
     from csrc_triton import gate_residual as kernels

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch.library import triton_op, wrap_triton
 
-from .adaln import (BWD_PROGRAMS, cdiv, check_kernel_inputs, differentiable_by_recompute, filled_or, group_view,
-                    launch_rows, new_buffer, present_or, row_config, row_plan, sum_partials, tangent_or_zero)
+from .launch import (BWD_PROGRAMS, cdiv, check_kernel_inputs, differentiable_by_recompute, filled_or, group_view,
+                     launch_rows, new_buffer, present_or, row_config, row_plan, sum_partials, tangent_or_zero)
 
 try:
     from csrc_triton import input_stage as kernels

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
-from ..backend import tangent_needs_grad
-from .adaln import cdiv, check_kernel_inputs, new_buffer
+from .launch import cdiv, check_kernel_inputs, new_buffer, tangent_needs_grad
 
 try:
     from csrc_triton import time_embed as kernels

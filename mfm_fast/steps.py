@@ -1,0 +1,211 @@
+"""The steering step and what `steer` and `graphs` share: the Doob/DPS drift, one Euler(-Maruyama) step as a
+function of tensors (`make_step`), the argument checks, the paper's NFE accounting and the result type.
+
+The formulas are described in `mfm_fast.steer`; `mfm_fast.graphs` captures `make_step`'s step in a CUDA graph. Both
+build on this module, which imports neither.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ._checks import check_finite_scalar, check_input, check_positive_int
+from .interpolant import time_grid
+from .rewards import reward_name
+from .value import Cost, check_chunk_size, estimate, mfmgf_release_ratio
+
+METHODS = ("none", "mfm-g", "mfm-gf", "dps", "search", "smc")
+RENORMS = (None, "rescale", "clip")
+
+
+@dataclass
+class SteerResult:
+    samples: torch.Tensor  # (B, *event)
+    cost: Cost  # work counted while sampling (the diagnostic `rewards` below are not included)
+    rewards: torch.Tensor  # (B,) reward of each returned sample
+    particles: Optional[torch.Tensor] = None  # SMC: the weighted particles before the final resampling
+    log_weights: Optional[torch.Tensor] = None  # SMC: their normalised log weights (per population)
+    log_normalizer: Optional[torch.Tensor] = None  # SMC: log Ẑ per population, Ẑ unbiased for E_base[exp(λ·r)]
+    n_resamples: int = 0  # SMC: resampling events (summed over populations), the final one excluded
+
+    @property
+    def mean_reward(self) -> float:
+        return float(self.rewards.float().mean())
+
+
+def paper_nfe(method: str, steps: int, n_particles: int, search_particles: int = 1,
+              posterior_steps: int = 1) -> Optional[int]:
+    """NFE per output sample as the paper reports it (METHOD §3); None where the paper defines none (DPS).
+    posterior_steps = m: each one-step sample of the estimators costs m evaluations instead of one."""
+    K, N = steps, n_particles * (posterior_steps if method in ("mfm-g", "mfm-gf", "smc") else 1)
+    if method == "none":
+        return K
+    if method == "mfm-gf":
+        return K + 2 * N * K
+    if method in ("mfm-g", "smc"):  # SMC's per-step work is MFM-G's (drift + N particles forward and backward)
+        return K + 4 * N * K
+    if method == "search":
+        return 2 * search_particles * N * K
+    if method == "best-of-n":
+        return K * N + N
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- step functions
+
+
+def full_t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A 0-dim or (B,) time as (B,)."""
+    return t.expand(x.shape[0]) if t.dim() == 0 else t
+
+
+def bcast_t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A 0-dim or (B,) time broadcast against x (B, *event)."""
+    return t if t.dim() == 0 else t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def base_drift(model, t: torch.Tensor, x: torch.Tensor, cond: dict) -> torch.Tensor:
+    """b_t(x) = v_{t,t}(x; 0, 0), as `sampling.drift`, without its host-synchronising input checks."""
+    tb = full_t(t, x)
+    return model(tb, tb, x, torch.zeros_like(tb), torch.zeros_like(x), **cond)
+
+
+def steer_ratio(t: torch.Tensor, clamp_ratio: Optional[float]) -> torch.Tensor:
+    """k(t) = (1−t)/t = σ_t²/2, clamped to ≤ clamp_ratio (the release clamps 1/t − 1 to [0, 25])."""
+    k = (1 - t) / t
+    return k.clamp(0, clamp_ratio) if clamp_ratio is not None else k.clamp_min(0)
+
+
+def renormalise(base: torch.Tensor, steer_term: torch.Tensor, renorm: str, scale: float) -> torch.Tensor:
+    """Per sample: steer_term·scale·‖base‖/(1e-8 + ‖steer_term‖); "clip" caps the factor at 1."""
+    dims = tuple(range(1, base.dim()))
+    norm = functools.partial(torch.linalg.vector_norm, dim=dims, keepdim=True)  # Tensor.norm rejects 3+ dims
+    factor = scale * norm(base) / (1e-8 + norm(steer_term))
+    if renorm == "clip":
+        factor = factor.clamp(max=1.0)
+    return steer_term * factor
+
+
+def dps_grad(model, reward, t: torch.Tensor, x: torch.Tensor, lam: float, cond: dict):
+    """(b_t(x), ∇_x λ·r(x + (1−t)·b_t(x))): backpropagation through the base drift call."""
+    with torch.enable_grad():
+        xc = x.detach().requires_grad_(True)
+        b = base_drift(model, t, xc, cond)
+        r = lam * reward(xc + (1 - bcast_t(t, xc)) * b)
+        if not r.requires_grad:
+            raise ValueError(f"reward {reward_name(reward)!r}: no gradient reaches the state; method 'dps' needs a "
+                             "reward differentiable in its input (or use a gradient-free method: 'mfm-gf', "
+                             "'search', 'smc' with smc_estimator='mfm-gf')")
+        (g,) = torch.autograd.grad(r.sum(), xc, allow_unused=True)
+    return b.detach(), (torch.zeros_like(x) if g is None else g)
+
+
+def guided_drift(model, reward, x, t, eps, *, method: str, sde: bool, lam: float, renorm: Optional[str],
+                 renorm_scale: float, clamp_ratio: Optional[float], chunk_size: Optional[int], cond: dict,
+                 posterior_steps: int = 1):
+    """The steered drift at (t, x). eps (B, N, *event): particle noise for "mfm-g"/"mfm-gf" (else unused)."""
+    if method == "dps":
+        b, g = dps_grad(model, reward, t, x, lam, cond)
+    else:
+        b = base_drift(model, t, x, cond)
+        g = None
+        if method in ("mfm-g", "mfm-gf"):
+            _, g = estimate(model, reward, full_t(t, x), x, eps, method, lam, chunk_size, cond, posterior_steps)
+    k = bcast_t(steer_ratio(t, clamp_ratio), x)
+    if sde:
+        tb = bcast_t(t, x)
+        base = b + k * (tb * b - x) / (1 - tb)
+        scale = 2 * k
+    else:
+        base, scale = b, k
+    if g is None:
+        return base
+    if method == "mfm-gf":  # the release's term, unclamped (module docstring)
+        scale = (2 if sde else 1) * bcast_t(mfmgf_release_ratio(t), x)
+    term = scale * g
+    if renorm is not None:
+        term = renormalise(base, term, renorm, renorm_scale)
+    return base + term
+
+
+def steer_step(model, reward, x, t, dt, eps, xi, *, sde: bool, clamp_ratio: Optional[float], **drift_kw):
+    """One Euler (ODE) or Euler–Maruyama (SDE) step from t to t + dt. xi (B, *event): the SDE noise."""
+    x_next = x + dt * guided_drift(model, reward, x, t, eps, sde=sde, clamp_ratio=clamp_ratio, **drift_kw)
+    if sde:
+        x_next = x_next + torch.sqrt(2 * bcast_t(steer_ratio(t, clamp_ratio), x) * dt) * xi
+    return x_next
+
+
+def make_step(model, reward, *, method: str = "mfm-g", sde: bool = False, lam: float = 1.0,
+              renorm: Optional[str] = None, renorm_scale: float = 1.0, clamp_ratio: Optional[float] = 25.0,
+              chunk_size: Optional[int] = None, cond: Optional[dict] = None, posterior_steps: int = 1):
+    """`step(x, t, dt, eps, xi) -> x_next` for methods "none", "mfm-g", "mfm-gf", "dps": all inputs are tensors
+    (t, dt 0-dim or (B,); eps (B, N, *event) or None; xi (B, *event) or None), no host synchronisation."""
+    if method not in ("none", "mfm-g", "mfm-gf", "dps"):
+        raise ValueError(f"make_step builds Doob/DPS steps only; got method {method!r}")
+    return functools.partial(steer_step, model, reward, method=method, sde=sde, lam=lam, renorm=renorm,
+                             renorm_scale=renorm_scale, clamp_ratio=clamp_ratio, chunk_size=chunk_size,
+                             cond=cond or {}, posterior_steps=posterior_steps)
+
+
+# ---------------------------------------------------------------------------------------------- shared by the loops
+
+
+def progress_bar(iterable, progress, desc):
+    # progress=None shows a bar only on an interactive terminal
+    return tqdm(iterable, desc=desc, disable=None if progress is None else not progress, leave=False)
+
+
+def finish(samples, cost, reward, return_result, **extra):
+    """The samples, or a `SteerResult` with their rewards when `return_result`."""
+    if not return_result:
+        return samples
+    with torch.no_grad():
+        rewards = reward(samples)
+    return SteerResult(samples, cost, rewards, **extra)
+
+
+def check_common(model, noise, steps, t_start):
+    """Checks every sampler shares -> t_start as a float."""
+    check_input("noise", noise, model)  # finite too: NaN noise would otherwise surface as a non-finite reward
+    check_positive_int("steps", steps)
+    t_start = check_finite_scalar("t_start", t_start)
+    if not 0 < t_start < 1:
+        raise ValueError(f"t_start must lie in (0, 1) (the guidance divides by t), got {t_start}")
+    # Near 1 the (at least fp32) grid rounds interior points to 1 or onto each other: the SDE then divides by
+    # 1 − t = 0 and SMC's transition density by dt = 0.
+    grid = time_grid(t_start, steps, noise)
+    if bool(((grid[1:] <= grid[:-1]).any() | (grid[:-1] >= 1).any())):
+        raise ValueError(f"t_start={t_start} is too close to 1 for steps={steps}: in {grid.dtype} the time grid "
+                         f"linspace(t_start, 1, steps + 1) has repeated points or interior points equal to 1; "
+                         "lower t_start or steps")
+    return t_start
+
+
+def check_steer_args(model, noise, steps, t_start, method, n_particles, lam, renorm, renorm_scale, clamp_ratio,
+                     chunk_size, methods=METHODS):
+    """Validate the arguments steer and steer_graphed share -> (t_start, lam, renorm_scale, chunk_size), with
+    chunk_size="auto" resolved once per run (static shapes for CUDA graphs)."""
+    t_start = check_common(model, noise, steps, t_start)
+    if method not in methods:
+        raise ValueError(f"method must be one of {methods}, got {method!r}")
+    check_positive_int("n_particles", n_particles)
+    lam = check_finite_scalar("lam", lam)
+    if renorm not in RENORMS:
+        raise ValueError(f"renorm must be one of {RENORMS}, got {renorm!r}")
+    renorm_scale = check_finite_scalar("renorm_scale", renorm_scale)
+    check_clamp(clamp_ratio)
+    if isinstance(chunk_size, str) and chunk_size == "auto":
+        from .memory import auto_chunk_size
+        chunk_size = auto_chunk_size(model, noise.shape[0], n_particles, noise.dtype, noise.device)
+    return t_start, lam, renorm_scale, check_chunk_size(chunk_size)
+
+
+def check_clamp(clamp_ratio):
+    if clamp_ratio is not None and not check_finite_scalar("clamp_ratio", clamp_ratio) > 0:
+        raise ValueError(f"clamp_ratio must be positive or None, got {clamp_ratio}")
+
