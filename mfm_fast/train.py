@@ -601,14 +601,14 @@ def train(model: nn.Module, sample_batch: Callable, cfg: Optional[TrainConfig] =
 
 # ---------------------------------------------------------------------------------------------- presets
 TEACHERS = ("learned", "exact", "none")
-RECIPE_VERSION = 2  # bump when a code change alters what a recipe trains (caches key on the recipe's spec)
+RECIPE_VERSION = 3  # bump when a code change alters what a recipe trains (caches key on the recipe's spec)
 
 
 @dataclass
 class Recipe:
     """How to train a vector-data MFM: the MFM's MFMMLP kwargs and TrainConfig, and where its diagonal targets come
     from. teacher "learned": a flow-matching drift is trained first (`teacher_model`, `teacher_train`) and the MFM
-    is distilled from it (GLASS diagonal + ESD consistency), the pipeline a user with a pretrained flow model runs;
+    is distilled from it (GLASS diagonal + teacher rollouts), the pipeline a user with a pretrained flow model runs;
     "exact": the same distillation from the data's exact drift (Gaussian mixtures only); "none": from data alone."""
 
     model: dict
@@ -646,30 +646,34 @@ def model_drift(model: nn.Module) -> Callable:
 
 
 def gmm_defaults(teacher: str = "learned") -> Recipe:
-    """The recipe for the paper's 2-D GMM: one-step posterior samples within ≈1.3× the exact-vs-exact sliced-W2
-    floor at t ∈ [0.05, 0.95] in about 4 CPU minutes (2 cores; `python -m mfm_fast experiment posterior` measures
-    it and the alternatives). What makes it work:
+    """The recipe for the paper's 2-D GMM (`python -m mfm_fast experiment posterior` measures it and the
+    alternatives; numbers in the README). What makes one-step samples accurate:
     - preconditioning (MFMMLP sigma_data = the data's RMS): the network learns the departure from the Gaussian meta
       flow map in units of the posterior spread, which shrinks like (1−t)/t; without it t ≥ 0.8 stays far off;
-    - zero-variance diagonal targets, GLASS from a teacher drift, and the merged observation (t*, x*) as inputs;
+    - zero-variance targets from a teacher drift: the GLASS diagonal, and teacher rollouts (`RolloutBank`) that
+      give the one-step jump X_{0,1} (and every other jump on the grid) directly, on a grid warped towards s = 1
+      where the conditional ODE stiffens, with contexts widened into p_t's tails;
+    - the merged observation (t*, x*) as inputs, width 256;
     - residuals in output units with plain MSE (no adaptive weights): each t weighs alike and the minimiser is the
       conditional mean; context t uniform rather than U², since t near 1 needs as much care as t near 0.
-    teacher: "learned" (default; a flow-matching MLP trained first, 4000 × 1024), "exact" (the mixture's drift),
-    "none" (from data: diagonal from data, MeanFlow consistency)."""
+    teacher: "learned" (default; a flow-matching MLP trained first, 8000 × 1024), "exact" (the mixture's drift),
+    "none" (from data: diagonal from data, MeanFlow consistency; width 128)."""
     if teacher not in TEACHERS:
         raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
     from .data import paper_gmm
     sigma = round(paper_gmm().rms(), 4)
-    model = dict(dim=2, hidden=128, depth=3, n_freq=2, sigma_data=sigma, glass_features=teacher != "none")
+    model = dict(dim=2, hidden=128, depth=3, n_freq=2, sigma_data=sigma)
     cfg = TrainConfig(steps=10000, batch=512, lr=2e-3, consistency_fraction=0.5, adaptive=False,
                       output_units=True, t_power=1.0)
     if teacher == "none":
         return Recipe(model, dataclasses.replace(cfg, consistency="meanflow", diagonal="data"), teacher)
-    cfg = dataclasses.replace(cfg, consistency="esd", diagonal="distill")
+    mfm = {**model, "hidden": 256, "glass_features": True}
+    cfg = dataclasses.replace(cfg, consistency="none", diagonal="distill", rollout_fraction=0.75,
+                              rollout_full_prob=0.5, rollout_steps=48, rollout_context_spread=1.6)
     if teacher == "exact":
-        return Recipe(model, cfg, teacher)
-    teacher_cfg = flow_matching_config(TrainConfig(steps=4000, batch=1024, lr=2e-3, seed=1))
-    return Recipe(model, cfg, teacher, {**model, "glass_features": False}, teacher_cfg)
+        return Recipe(mfm, cfg, teacher)
+    teacher_cfg = flow_matching_config(TrainConfig(steps=8000, batch=1024, lr=2e-3, seed=1))
+    return Recipe(mfm, cfg, teacher, model, teacher_cfg)
 
 
 def teacher_path(out: str) -> str:
@@ -774,10 +778,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", choices=D.PARALLEL, default="ddp", help="under torchrun: ddp or fsdp (FSDP2)")
     p.add_argument("--teacher", choices=TEACHERS, default="learned",
                    help="gmm: 'learned' (default) trains a flow-matching drift first and distils the MFM from it "
-                        "(GLASS diagonal + ESD consistency); 'exact' distils the mixture's exact drift; 'none' "
+                        "(GLASS diagonal + teacher rollouts); 'exact' distils the mixture's exact drift; 'none' "
                         "trains from data alone (MeanFlow)")
-    p.add_argument("--teacher-steps", type=int, help="gmm, teacher 'learned': flow-matching steps (default 4000)")
-    p.add_argument("--hidden", type=int, help="gmm: MLP width")
+    p.add_argument("--teacher-steps", type=int, help="gmm, teacher 'learned': flow-matching steps (default 8000)")
+    p.add_argument("--rollout-fraction", type=float, help="rows regressed on teacher rollouts (needs a teacher)")
+    p.add_argument("--rollout-bank", type=int, help="contexts in the teacher-rollout bank")
+    p.add_argument("--hidden", type=int, help="gmm: MLP width (teacher and MFM; default 128 and 256)")
     p.add_argument("--depth", type=int, help="gmm: MLP depth")
     p.add_argument("--config", default=None, help="digits: DiT config name (default MFM-Digits)")
     p.add_argument("--impl", default="auto", help="DiT kernels: auto | torch | triton")
@@ -822,7 +828,8 @@ def _run(args, dinfo: D.DistInfo) -> int:
 def _overrides(args) -> dict:
     out = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "optimizer": args.optimizer,
            "consistency": args.consistency, "consistency_fraction": args.consistency_fraction,
-           "ema_decay": args.ema_decay, "seed": args.seed, "checkpoint_every": args.checkpoint_every}
+           "ema_decay": args.ema_decay, "seed": args.seed, "checkpoint_every": args.checkpoint_every,
+           "rollout_fraction": args.rollout_fraction, "rollout_bank": args.rollout_bank}
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -213,7 +213,8 @@ def test_gmm_recipe_defaults_and_validation():
     r = T.gmm_defaults()
     assert r.teacher == "learned" and r.teacher_train.consistency == "none" and r.teacher_train.t_zero_prob == 1
     assert r.model["sigma_data"] == pytest.approx(paper_gmm().rms(), abs=1e-4)
-    assert r.train.diagonal == "distill" and r.train.consistency == "esd" and r.train.output_units
+    assert r.train.diagonal == "distill" and r.train.rollout_fraction > 0 and r.train.output_units
+    assert r.teacher_model["hidden"] == 128 and r.model["hidden"] == 256 and r.model["glass_features"]
     assert T.gmm_defaults("none").train.diagonal == "data"
     with pytest.raises(ValueError, match="teacher"):
         T.gmm_defaults("oracle")

@@ -165,7 +165,7 @@ def paper_problem(device, lam: float = 1.0) -> Problem:
     return Problem(gmm, reward, lam, tilted)
 
 
-QUICK_BUDGET = {"steps": 600, "batch": 256}  # smoke tests: seconds of training, a rough model
+QUICK_BUDGET = {"steps": 600, "batch": 256, "rollout_bank": 4096}  # smoke tests: seconds of training, a rough model
 
 
 def gmm_mfm(device, quick: bool = False, retrain: bool = False, progress: bool = True, steps: Optional[int] = None,

@@ -24,18 +24,23 @@ def recipes() -> dict:
     """name -> (description, Recipe): the earlier defaults, then one change at a time up to the shipped recipe."""
     from ..train import TrainConfig, gmm_defaults
     shipped = gmm_defaults("learned")
+    exact = gmm_defaults("exact")
     old_model = dict(dim=2, hidden=128, depth=3, n_freq=2)
     old_cfg = TrainConfig(steps=8000, batch=512, lr=2e-3, consistency_fraction=0.5)  # MeanFlow, adaptive, t = U²
     sigma = shipped.model["sigma_data"]
     data = gmm_defaults("none")
+    esd = dataclasses.replace(exact, model={**data.model, "glass_features": True},
+                              train=dataclasses.replace(data.train, consistency="esd", diagonal="distill"))
     out = {
         "earlier defaults": ("plain MLP, from data (MeanFlow), adaptive weights, t = U²",
                              dataclasses.replace(data, model=old_model, train=old_cfg)),
         "+ preconditioning": ("Gaussian-MFM base, output in posterior-spread units",
                               dataclasses.replace(data, model={**old_model, "sigma_data": sigma}, train=old_cfg)),
         "+ output-unit MSE, uniform t": ("from data; plain MSE in output units, t ~ U", data),
-        "exact teacher": ("GLASS distillation of the exact drift, (t*, x*) inputs, ESD", gmm_defaults("exact")),
-        "learned teacher (shipped)": ("flow-matching teacher first, then as 'exact teacher'", shipped),
+        "+ GLASS diagonal, ESD (exact drift)": ("zero-variance targets of the exact drift, (t*, x*) inputs", esd),
+        "+ teacher rollouts (exact drift)": ("diagonal + rollout bank (warped grid, wide contexts), width 256",
+                                             exact),
+        "learned teacher (shipped)": ("flow-matching teacher first, then as the row above", shipped),
     }
     return out
 
