@@ -221,8 +221,9 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
 
     t: scalar or (B,) in [0, 1]; x: (B, *event). `estimator`: "mfm-g" (reward gradients through the network's
     context input) or "mfm-gf" (gradient-free; in t/(1−t)² both factors 1 − t are clamped at 1e-3, so it stays
-    finite at t = 1 — the release clamps only the one 1 − t of its correction; `steer` reproduces that term). `chunk_size`: the most (state, particle) rows per network call — particles are split into
-    blocks first, then states; the result equals the unchunked one up to rounding (the noise is drawn once, the
+    finite at t = 1 — the release clamps only the one 1 − t of its correction; `steer` reproduces that term).
+    `chunk_size`: the most (state, particle) rows per network call — particles are split into blocks first, then
+    states; the result equals the unchunked one up to rounding (the noise is drawn once, the
     per-block log-sum-exps and softmax-weighted gradients are merged exactly). `noise`: (B, N, *event) or
     (B·N, *event) with the particles of a state contiguous, used instead of drawing from `generator`.
     `posterior_steps` = m > 1 draws each sample with the m-step composed flow map (m network calls per particle,
