@@ -44,15 +44,17 @@ def test_demo_quick(tmp_path, cache, monkeypatch):
 
 
 def test_experiment_posterior_quick(tmp_path, cache, monkeypatch):
+    from mfm_fast.experiments.posterior import recipes
+    assert not any("," in name for name in recipes())  # --recipes is comma-separated
     monkeypatch.setenv("MFM_FAST_CACHE", str(cache))
     assert main(["experiment", "posterior", "--quick", "--out", str(tmp_path), "--device", "cpu",
-                 "--recipes", "earlier defaults,exact teacher"]) == 0
+                 "--recipes", "earlier defaults,+ teacher rollouts (exact drift)"]) == 0
     for name in ("posterior.md", "posterior.csv", "posterior.png"):
         assert (tmp_path / name).stat().st_size > 0
     with open(tmp_path / "posterior.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["recipe"], r["K"]) for r in rows) == sorted(
-        (name, k) for name in ("earlier defaults", "exact teacher") for k in ("1", "2", "4"))
+        (name, k) for name in ("earlier defaults", "+ teacher rollouts (exact drift)") for k in ("1", "2", "4"))
     for r in rows:
         ratios = [float(r[f"t={t}"]) for t in (0.05, 0.2, 0.5, 0.8, 0.95)]
         assert all(0.5 < v < 1e4 for v in ratios), r
