@@ -36,7 +36,7 @@ def recipes() -> dict:
                              dataclasses.replace(data, model=old_model, train=old_cfg)),
         "+ preconditioning": ("Gaussian-MFM base, output in posterior-spread units",
                               dataclasses.replace(data, model={**old_model, "sigma_data": sigma}, train=old_cfg)),
-        "+ output-unit MSE, uniform t": ("from data; plain MSE in output units, t ~ U", data),
+        "+ output-unit MSE and uniform t": ("from data; plain MSE in output units, t ~ U", data),
         "+ GLASS diagonal and ESD (exact drift)": ("zero-variance targets of the exact drift, (t*, x*) inputs", esd),
         "+ teacher rollouts (exact drift)": ("diagonal + rollout bank (warped grid, wide contexts), width 256",
                                              exact),
