@@ -108,7 +108,8 @@ def glass_value_and_grad(teacher_drift: Callable, reward: Callable, t, x: torch.
 class GlassFlowMap(torch.nn.Module):
     """A meta flow map by rollout, following the model protocol: X_{s,u}(x̄; t, x) integrates the GLASS conditional
     ODE dx̄/dr = b̄_r(x̄; t, x) of `teacher_drift` from r = s to r = u with `steps` Heun steps (2·steps teacher calls
-    per row) on the grid `warped_grid(steps, warp)` of [s, u]. Pathwise and differentiable in x, so every estimator accepts it.
+    per row) on the grid `warped_grid(steps, warp)` of [s, u]. Pathwise and differentiable in x, so every estimator
+    accepts it.
 
     With a Gaussian mixture's exact drift it is the exact meta flow map up to the integration error: the reference
     that separates an estimator's error from a learned model's. With a learned drift it is the model-exact
@@ -136,18 +137,23 @@ class GlassFlowMap(torch.nn.Module):
         xr = x.repeat_interleave(N, dim=0) if N > 1 else x
         diag = u == s
         w = warped_grid(self.steps, self.warp, x)  # fractions of [s, u], finer towards u
-
-        def f(r, z):
-            return glass_drift(self.teacher_drift, r, z, t, xr)
-
         z = xbar
-        for j in range(self.steps):
-            r, h = s + w[j] * (u - s), (w[j + 1] - w[j]) * (u - s)
-            k1 = f(r, z)
-            k2 = f(r + h, z + bcast(h, z) * k1)
-            z = z + bcast(h / 2, z) * (k1 + k2)
-        v = (z - xbar) / bcast(torch.where(diag, torch.ones_like(h), u - s), z)
-        return torch.where(bcast(diag, z), f(s, xbar), v)
+        for z in glass_heun(self.teacher_drift, xbar, t, xr, [s + wj * (u - s) for wj in w]):
+            pass  # only the end point X_{s,u} is kept
+        v = (z - xbar) / bcast(torch.where(diag, torch.ones_like(s), u - s), z)
+        return torch.where(bcast(diag, z), glass_drift(self.teacher_drift, s, xbar, t, xr), v)
+
+
+def glass_heun(teacher_drift: Callable, xbar: torch.Tensor, t: torch.Tensor, x: torch.Tensor, times):
+    """Heun steps of the GLASS ODE dx̄/dr = b̄_r(x̄; t, x) from times[0] through times[1:] (each (B,)), yielding
+    x̄ at every one of them (2 teacher calls per step)."""
+    z = xbar
+    for r0, r1 in zip(times[:-1], times[1:]):
+        h = bcast(r1 - r0, z)
+        k1 = glass_drift(teacher_drift, r0, z, t, x)
+        k2 = glass_drift(teacher_drift, r1, z + h * k1, t, x)
+        z = z + h / 2 * (k1 + k2)
+        yield z
 
 
 # ---------------------------------------------------------------------------------------------- rollout bank

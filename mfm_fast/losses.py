@@ -23,7 +23,7 @@ import torch
 from torch.func import jvp
 
 from ._checks import check_finite_scalar, check_positive_int, check_state
-from .glass import glass_drift, warped_grid
+from .glass import glass_drift, glass_heun, warped_grid
 from .interpolant import bcast, interpolate
 
 CONSISTENCY = ("meanflow", "lsd", "esd", "semigroup", "none")
@@ -424,10 +424,6 @@ class RolloutRows:
     def __len__(self) -> int:
         return self.t.shape[0]
 
-    def __getitem__(self, idx) -> "RolloutRows":
-        return RolloutRows(self.s[idx], self.u[idx], self.xs[idx], self.xu[idx], self.t[idx], self.x[idx],
-                           {k: v[idx] for k, v in self.cond.items()})
-
 
 @torch.no_grad()
 def build_rollout_bank(teacher_drift: Callable, x1: torch.Tensor, steps: int = 32, warp: float = 2.0,
@@ -471,18 +467,10 @@ def build_rollout_bank(teacher_drift: Callable, x1: torch.Tensor, steps: int = 3
         sl = slice(lo, min(n, lo + chunk))
         tc, xc, z = (a[sl].to(device) for a in (t, x, z0))
         cc = {k: v[sl].to(device) for k, v in cond.items()}
-        g = grid.to(z.device)
-
-        def f(r, zz):
-            return glass_drift(lambda tt, xx: teacher_drift(tt, xx, **cc), r.expand(zz.shape[0]), zz, tc, xc)
-
+        times = [r.expand(z.shape[0]) for r in grid.to(z.device)]
         traj[sl, 0] = z.cpu()
-        for j in range(steps):
-            h = g[j + 1] - g[j]
-            k1 = f(g[j], z)
-            k2 = f(g[j + 1], z + h * k1)
-            z = z + h / 2 * (k1 + k2)
-            traj[sl, j + 1] = z.float().cpu()
+        for j, zj in enumerate(glass_heun(_teacher(teacher_drift, cc), z, tc, xc, times), start=1):
+            traj[sl, j] = zj.float().cpu()
         if bar is not None:
             bar.update(sl.stop - lo)
     if bar is not None:
