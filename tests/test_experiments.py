@@ -2,6 +2,8 @@
 against the exact tilted target of the paper's GMM."""
 import csv
 
+import torch
+
 import pytest
 
 from mfm_fast.__main__ import main
@@ -120,3 +122,54 @@ def test_steering_pipeline_with_the_exact_gaussian_mfm():
     assert w2["mfm-g 64"] < 0.5 * w2["mfm-g 2"], w2
     assert w2["mfm-g 64"] < 0.2 * w2["none"], w2
     assert w2["mfm-gf 16"] < 0.2 * w2["none"], w2
+
+
+class _Blend(torch.nn.Module):
+    """X_{0,1}(ε; t, x) = a·ε + (1 − a)·x: noisy copies of the context, a stand-in posterior for the oracle test."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = a
+
+    def forward(self, s, u, xbar, t, x):
+        return (1 - self.a) * (x - xbar)
+
+
+class _NearestMean(torch.nn.Module):
+    """A deterministic digit classifier: logits = −‖x − class mean‖²."""
+
+    def __init__(self, images, labels):
+        super().__init__()
+        self.register_buffer("means", torch.stack([images[labels == c].mean(0) for c in range(10)]).flatten(1))
+
+    def forward(self, x):
+        return -torch.cdist(x.flatten(1), self.means) ** 2
+
+
+def test_posterior_histograms_oracle():
+    from mfm_fast.data import load_digits
+    from mfm_fast.experiments.digits import posterior_histograms
+    images, labels = load_digits()
+    clf = _NearestMean(images, labels)
+    kw = dict(ts=(0.5,), contexts=6, n=128, steps=(1,), seed=3)
+    same = posterior_histograms(_Blend(0.6), _Blend(0.6), clf, images, **kw)[0]
+    other = posterior_histograms(_Blend(0.05), _Blend(0.6), clf, images, **kw)[0]
+    assert same["TV floor (ref vs ref)"] > 0
+    assert same["ratio K=1"] < 1.6, same  # the reference against itself: at the floor
+    assert other["ratio K=1"] > 2.5, other  # a posterior of the wrong spread: far above it
+
+
+def test_experiment_digits_quick(tmp_path, monkeypatch):
+    monkeypatch.setenv("MFM_FAST_CACHE", str(tmp_path / "cache"))
+    assert main(["experiment", "digits", "--quick", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    for name in ("digits.md", "digits.csv", "digits_cost.csv", "digits_posterior.csv", "digits.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    with open(tmp_path / "digits_posterior.csv") as f:
+        post = list(csv.DictReader(f))
+    assert [float(r["t"]) for r in post] == [0.2, 0.5, 0.8]
+    assert all(float(r["TV K=1"]) >= 0 and float(r["TV floor (ref vs ref)"]) >= 0 for r in post)
+    with open(tmp_path / "digits_cost.csv") as f:
+        claim = list(csv.DictReader(f))
+    # the release's settings: single-particle MFM-G at λ = 1, 2.5, 5
+    assert {float(r["λ"]) for r in claim if r["method"] == "MFM-G N=1"} == {1.0, 2.5, 5.0}
+    assert (tmp_path / "cache").is_dir() and any((tmp_path / "cache").glob("digits_mfm_*.teacher.pt"))

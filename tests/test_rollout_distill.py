@@ -150,3 +150,30 @@ def test_trainer_rollout_rows_validate_and_resume_bitwise(tmp_path):
     assert resumed.step == 6
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_recipe_archs_and_cache_keys():
+    from mfm_fast.models import MFMDiT
+    spec = T.gmm_defaults().spec()
+    assert "arch" not in spec  # MLP recipes keep their pre-DiT cache keys
+    digits = T.digits_defaults()
+    assert digits.spec()["arch"] == "dit" and digits.teacher == "learned"
+    assert isinstance(digits.build(digits.model, impl="torch"), MFMDiT)
+    with pytest.raises(ValueError, match="arch"):
+        T.Recipe({}, T.TrainConfig(), "none", arch="unet")
+    with pytest.raises(ValueError, match="digits"):
+        T.digits_defaults("exact")
+
+
+def test_digits_recipe_distils_a_dit():
+    """The digits recipe at a tiny budget: a DiT teacher, its rollout bank, and the DiT MFM's rollout loss falls."""
+    from mfm_fast.data import load_digits
+    images, _ = load_digits()
+    recipe = T.digits_defaults()
+    recipe.teacher_train = dataclasses.replace(recipe.teacher_train, steps=20, batch=32, warmup=2, device="cpu")
+    recipe.train = dataclasses.replace(recipe.train, steps=40, batch=32, warmup=2, rollout_bank=64,
+                                       rollout_steps=4, device="cpu", lr=1e-3)
+    result, teacher = T.train_recipe(recipe, T.dataset_sampler(images), progress=False, impl="torch")
+    assert teacher is not None and teacher.step == 20 and result.step == 40
+    roll = [h["roll"] for h in result.history]
+    assert sum(roll[-8:]) / 8 < 0.8 * sum(roll[:8]) / 8, roll

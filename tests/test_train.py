@@ -196,7 +196,15 @@ def test_cli_gmm_and_digits(tmp_path, capsys):
     report = T.gmm_posterior_sw2(model, paper_gmm(), n_contexts=2, n=256)
     assert sorted(report) == [0.05, 0.2, 0.5, 0.8, 0.95] and all(sw > 0 and fl > 0 for sw, fl in report.values())
     out = str(tmp_path / "digits.pt")
-    assert T.main(["--data", "digits", "--out", out, "--steps", "2", "--batch", "8", "--quiet",
-                   "--impl", "torch"]) == 0
+    assert T.main(["--data", "digits", "--out", out, "--steps", "2", "--batch", "8", "--teacher-steps", "3",
+                   "--rollout-bank", "8", "--quiet", "--impl", "torch"]) == 0
+    assert "trained teacher 3 steps + MFM 2 steps" in capsys.readouterr().out
     dit = T.load(out)
     assert isinstance(dit, MFMDiT) and dit.config.in_channels == 1 and dit.config.num_classes == 10
+    assert isinstance(T.load(T.teacher_path(out)), MFMDiT)
+    out = str(tmp_path / "digits_data.pt")
+    assert T.main(["--data", "digits", "--teacher", "none", "--out", out, "--steps", "2", "--batch", "8",
+                   "--quiet", "--impl", "torch"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out and not os.path.exists(T.teacher_path(out))
+    with pytest.raises(SystemExit, match="gmm"):
+        T.main(["--data", "digits", "--teacher", "exact", "--out", out, "--quiet"])

@@ -1,15 +1,19 @@
 """`python -m mfm_fast experiment digits` — classifier-reward steering on scikit-learn's 8×8 digits (METHOD §6).
 
-An unconditional "MFM-Digits" DiT (trained with mfm_fast.train, cached) and a small CNN classifier (cached) define
+An unconditional "MFM-Digits" DiT (`train.digits_defaults()`: a flow-matching teacher, then the MFM distilled from
+it; cached) and a small CNN classifier (cached) define
 the reward r(x) = log Σ_c w_c·p(c|x), w ∝ [0,1,0,1,0,2,0,2,0,4]. Under the tilted target p1·exp(λ·r) with λ = 1 the
 class histogram of the samples should equal w (the data's classes are balanced), so each sampler is scored by
 the L2 distance between its class histogram (classifier argmax) and w, next to its mean reward and cost.
 
-Reward vs compute: Best-of-N for N = 1 … 1000 against single-particle MFM-G and MFM-GF with N = 4 (λ = 1, 4, 16),
-costs in the paper's NFE accounting (METHOD §3) — the paper claims single-particle MFM-G beats Best-of-1000 at ≥ 100× less
-compute. Best-of-N is simulated by drawing N candidates with replacement from a pool of base samples (its cost is
+Posterior fidelity: with no closed-form posterior, the reference is model-exact, GLASS rollouts of the learned drift;
+one-step and 4-step MFM samples are compared with it through classifier histograms at t = 0.2, 0.5, 0.8.
+
+Reward vs compute: Best-of-N for N = 1 … 1000 against single-particle MFM-G and 4-particle MFM-GF at the release's
+settings (λ = 1, 2.5, 5, renorm "rescale"), costs in the paper's NFE accounting (METHOD §3): the paper claims
+single-particle steered MFM beats Best-of-1000 at ≥ 100× less compute. Best-of-N is simulated by drawing N candidates with replacement from a pool of base samples (its cost is
 counted as K·N + N per output, as if each candidate had been generated).
-Writes digits.{md,csv}, digits_cost.{md,csv} and digits.png into --out.
+Writes digits.{md,csv}, digits_cost.{md,csv}, digits_posterior.{md,csv} and digits.png into --out.
 """
 from __future__ import annotations
 
@@ -78,27 +82,53 @@ def train_classifier(images, labels, device, steps: int = 600, seed: int = 0, re
     return clf.to(device).eval().requires_grad_(False), acc
 
 
-def digits_mfm(device, steps: int, batch: Optional[int] = None, retrain: bool = False, progress: bool = True):
-    """Unconditional MFM-Digits DiT trained with `train.digits_defaults()` (optionally fewer steps / a smaller
-    batch), cached."""
+DIGITS_QUICK = {"steps": 10, "batch": 32, "warmup": 1, "rollout_bank": 64, "rollout_steps": 4}
+
+
+def digits_mfm(device, steps: Optional[int] = None, batch: Optional[int] = None, retrain: bool = False,
+               progress: bool = True, recipe=None, quick: bool = False, impl: str = "auto"):
+    """The unconditional MFM-Digits DiT trained with `recipe` (default `train.digits_defaults()`: a flow-matching
+    teacher, then the MFM distilled from it), with DIGITS_QUICK for both stages if `quick`, or explicit `steps` /
+    `batch` for both stages; cached under cache_dir() by the whole recipe, the teacher beside it. Training resumes
+    from its last checkpoint if interrupted. Returns (MFM in eval mode, teacher in eval mode or None, one-line
+    description, training seconds)."""
     from ..data import load_digits
-    from ..models import MFMDiT
-    from ..train import dataset_sampler, digits_defaults, load, save, train
-    name, cfg = digits_defaults()
-    cfg = dataclasses.replace(cfg, steps=steps, batch=batch or cfg.batch, warmup=min(cfg.warmup, steps // 10),
-                              device=str(device))
-    spec = {"config": name, "train": {k: v for k, v in dataclasses.asdict(cfg).items()
-                                      if k not in ("device", "log_every", "checkpoint_every")}}
+    from ..train import dataset_sampler, digits_defaults, load, read_checkpoint, save, teacher_path, train_recipe
+    recipe = dataclasses.replace(recipe or digits_defaults())
+    over = dict(DIGITS_QUICK) if quick else {}
+    over.update({k: v for k, v in (("steps", steps), ("batch", batch)) if v is not None})
+    if "steps" in over and not quick:
+        over["warmup"] = min(recipe.train.warmup, over["steps"] // 10)
+    recipe.train = dataclasses.replace(recipe.train, **over)
+    if recipe.teacher_train is not None:
+        recipe.teacher_train = dataclasses.replace(
+            recipe.teacher_train, **{k: v for k, v in over.items() if not k.startswith("rollout")})
+    spec = recipe.spec()
     key = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = cache_dir() / f"digits_mfm_{key}.pt"
+    run = cache_dir() / f"digits_mfm_{key}.run.pt"  # resumable training state; the teacher lies beside it
+
+    def teacher_model():
+        tp = teacher_path(str(run))
+        return load(tp, map_location=device).eval() if recipe.teacher == "learned" else None
+
     if path.exists() and not retrain:
-        return load(str(path), map_location=device), f"reusing the cached digits MFM {path}"
+        seconds = float(read_checkpoint(str(path))["extra"].get("train_seconds", float("nan")))
+        return load(str(path), map_location=device).eval(), teacher_model(), \
+            f"reusing the cached digits MFM {path}", seconds
     images, _ = load_digits()
-    torch.manual_seed(cfg.seed)
+    what = {"learned": "a flow-matching teacher, then the MFM distilled from it", "none": "the MFM from data"}
+    print(f"training the digits MFM ({what[recipe.teacher]}; cached afterwards in {path})", flush=True)
     with timer(device) as elapsed:
-        result = train(MFMDiT(name), dataset_sampler(images), cfg, progress=progress)
-    save(result.model, str(path), ema=result.ema, train_config=spec["train"])
-    return result.ema.to(device).eval(), f"trained the digits MFM ({steps} steps, {elapsed():.0f} s) -> {path}"
+        result, teacher = train_recipe(recipe, dataset_sampler(images), out=str(run), resume=not retrain,
+                                       progress=progress, device=str(device), impl=impl)
+    seconds = elapsed()  # of this session only, when resumed
+    save(result.model, str(path), ema=result.ema, recipe=json.loads(json.dumps(spec, default=str)),
+         train_seconds=seconds)
+    steps_txt = (f"teacher {teacher.step} × {recipe.teacher_train.batch} + " if teacher is not None else "") + \
+        f"MFM {result.step} × {recipe.train.batch}"
+    return result.ema.to(device).eval(), teacher_model(), \
+        f"trained the digits MFM ({steps_txt} steps, {seconds:.0f} s) -> {path}", seconds
 
 
 def class_histogram(classifier, x) -> torch.Tensor:
@@ -114,41 +144,111 @@ def best_of_n_from_pool(pool_x, pool_r, n: int, batch: int, generator):
     return pool_x[best], pool_r[best]
 
 
+POSTERIOR_TS = (0.2, 0.5, 0.8)
+
+
+def tv(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Total-variation distance between two histograms."""
+    return 0.5 * float((p - q).abs().sum())
+
+
+@torch.no_grad()
+def posterior_histograms(model, reference, classifier, images, ts=POSTERIOR_TS, contexts: int = 8, n: int = 128,
+                         steps=(1, 4), seed: int = 0, device=None) -> list[dict]:
+    """Class histograms of posterior samples p(x1 | x_t = x) against a model-exact reference.
+
+    For each t: `contexts` contexts x = t·x1 + (1−t)·ε from held digits x1; `n` samples per context from the MFM
+    (K-step composed flow map for each K in `steps`) and two independent sets from `reference` (GLASS rollouts of
+    the learned drift, `glass.GlassFlowMap`). Rows: mean over contexts of the TV distance between classifier
+    histograms, model vs reference, with the reference-vs-reference TV at the same n as the noise floor."""
+    from ..sampling import posterior_sample
+    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device or "cpu")
+    rows = []
+    for t in ts:
+        x1 = images[torch.randint(0, images.shape[0], (contexts,), generator=gen)]
+        x = (t * x1 + (1 - t) * torch.randn(x1.shape, generator=gen)).to(device)
+        g = torch.Generator(device).manual_seed(seed + int(1000 * t))
+
+        def hists(m, k=1):
+            xs = posterior_sample(m, float(t), x, n, generator=g, steps=k)
+            return [class_histogram(classifier, xs[i]) for i in range(contexts)]
+        ref_a, ref_b = hists(reference), hists(reference)
+        floor = sum(tv(a, b) for a, b in zip(ref_a, ref_b)) / contexts
+        row = {"t": t, "TV floor (ref vs ref)": floor}
+        for k in steps:
+            mod = hists(model, k)
+            d = sum(tv(a, b) for a, b in zip(mod, ref_a)) / contexts
+            row[f"TV K={k}"] = d
+            row[f"ratio K={k}"] = d / floor
+        rows.append(row)
+        print("  posterior t={:.2f}: ".format(t) + ", ".join(
+            f"{k} {v:.3f}" for k, v in row.items() if k != "t"), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     from ..data import load_digits
+    from ..glass import GlassFlowMap
     from ..rewards import ClassifierReward
     from ..steer import paper_nfe, steer
+    from ..train import digits_defaults, model_drift
 
     p = experiment_parser("python -m mfm_fast experiment digits", __doc__.splitlines()[0], "outputs/digits",
                           quick_help="tiny budget (tests): meaningless numbers, all code paths",
                           retrain_help="retrain the MFM and the classifier",
-                          train_help="MFM training (CPU default 2000 steps)")
+                          train_help="MFM (and teacher) training")
+    p.add_argument("--recipe", choices=("learned", "none"), default="learned",
+                   help="learned (default): flow-matching teacher, then the MFM distilled from it; none: the "
+                        "earlier recipe, from data alone (its own drift is then the posterior reference)")
     p.add_argument("--samples", type=positive_int, default=None, help="outputs per method (default 256; quick 16)")
     p.add_argument("--pool", type=positive_int, default=None, help="base samples for Best-of-N (default 2048; quick 64)")
     p.add_argument("--steps", type=positive_int, default=None, help="Euler steps K (default 25; quick 4)")
-    p.add_argument("--lams", default="1,4,16", help="λ values for single-particle MFM-G / MFM-GF")
+    p.add_argument("--lams", default="1,2.5,5", help="λ values for single-particle MFM-G and 4-particle MFM-GF "
+                   "(release: 1, 2.5, 5)")
+    p.add_argument("--renorm", choices=("rescale", "clip", "none"), default="rescale",
+                   help="steering-term renormalisation (release: rescale)")
     p.add_argument("--bon", default="1,2,4,8,16,32,64,128,256,512,1000", help="Best-of-N values")
+    p.add_argument("--posterior-contexts", type=positive_int, default=None,
+                   help="contexts per t in the posterior check (default 8; quick 2)")
+    p.add_argument("--posterior-samples", type=positive_int, default=None,
+                   help="posterior samples per context (default 128; quick 8)")
+    p.add_argument("--glass-steps", type=positive_int, default=None,
+                   help="Heun steps of the GLASS-rollout reference (default 24; quick 2)")
     args = p.parse_args(argv)
 
     t_begin = time.perf_counter()
     device = resolve_device(args.device)
     out = out_dir(args.out)
     quick = args.quick
-    from ..train import digits_defaults
-    on_gpu = device.type == "cuda"
-    train_steps = args.train_steps or (10 if quick else (digits_defaults()[1].steps if on_gpu else 2000))
-    train_batch = args.train_batch or (64 if quick else None)
     B = args.samples or (16 if quick else 256)
     M = args.pool or (64 if quick else 2048)
     K = args.steps or (4 if quick else 25)
     lams = [float(v) for v in args.lams.split(",")]
     bon = [int(v) for v in args.bon.split(",")]
+    renorm = None if args.renorm == "none" else args.renorm
 
     images, labels = load_digits()
     clf, acc = train_classifier(images, labels, device, steps=60 if quick else 600, retrain=args.retrain)
     print(f"classifier: held-out accuracy {acc:.3f}", flush=True)
-    model, info = digits_mfm(device, train_steps, train_batch, retrain=args.retrain)
+    model, teacher, info, train_seconds = digits_mfm(device, args.train_steps, args.train_batch,
+                                                     retrain=args.retrain, recipe=digits_defaults(args.recipe),
+                                                     quick=quick)
     print(info, flush=True)
+
+    # posterior fidelity against the model-exact reference: GLASS rollouts of the learned drift (the teacher's,
+    # which the MFM distils; without a teacher, the MFM's own t = 0 diagonal)
+    drift_of = teacher if teacher is not None else model
+    reference = GlassFlowMap(model_drift(drift_of), args.glass_steps or (2 if quick else 24),
+                             event_shape=tuple(images.shape[1:]))
+    post = posterior_histograms(model, reference, clf, images, contexts=args.posterior_contexts or (2 if quick else 8),
+                                n=args.posterior_samples or (8 if quick else 128), seed=args.seed, device=device)
+    ref_txt = "the teacher's drift" if teacher is not None else "the MFM's own drift"
+    write_table(post, out, "digits_posterior",
+                f"Posterior class histograms: one-step (K = 1) and 4-step MFM samples vs GLASS rollouts of "
+                f"{ref_txt} (mean TV over contexts; the floor is two independent reference sets; recipe "
+                f"{args.recipe}, trained in {train_seconds:.0f} s)")
+
     reward = ClassifierReward(clf, WEIGHTS, name="digits_classifier")
     w = torch.tensor(WEIGHTS, dtype=torch.float32, device=device)
     w = w / w.sum()
@@ -165,11 +265,12 @@ def main(argv=None) -> int:
 
     rows = []
     noise = torch.randn(B, 1, 8, 8, generator=gen, device=device)
-    specs = [(MethodSpec("base (no steering)", "none"), 1.0), (MethodSpec("DPS", "dps"), 1.0)]
+    rn = {"renorm": renorm}
+    specs = [(MethodSpec("base (no steering)", "none"), 1.0), (MethodSpec("DPS", "dps", kwargs=rn), 1.0)]
     # single-particle MFM-G (the paper's claim); MFM-GF needs N ≥ 2 (with one particle its estimate is exactly 0)
-    specs += [(MethodSpec(label, meth, n), lam) for lam in lams for label, meth, n in
+    specs += [(MethodSpec(label, meth, n, kwargs=rn), lam) for lam in lams for label, meth, n in
               (("MFM-G", "mfm-g", 1), ("MFM-GF", "mfm-gf", 4))]
-    specs += [(MethodSpec("MFM-G", "mfm-g", 4), 1.0)]
+    specs += [(MethodSpec("MFM-G", "mfm-g", 4, kwargs=rn), 1.0)]
     for spec, lam in specs:
         res, wall = run_method(model, reward, noise, spec, K, lam, gen)
         rows.append(row(spec.label, spec.n if spec.method != "none" else "–", lam, res.samples, res.rewards,
@@ -237,7 +338,7 @@ def main(argv=None) -> int:
     ax.legend(fontsize=7)
     ax = axes[2]
     rows_shown = min(32, B) // 8  # image rows of 8 per sampler
-    res_g, _ = run_method(model, reward, noise[:8 * rows_shown], MethodSpec("MFM-G", "mfm-g", 1), K, 1.0, gen)
+    res_g, _ = run_method(model, reward, noise[:8 * rows_shown], MethodSpec("MFM-G", "mfm-g", 1, kwargs=rn), K, 1.0, gen)
     grid = torch.cat([pool.samples[:8 * rows_shown], res_g.samples], 0).clamp(-1, 1).cpu()
     grid = grid.view(2 * rows_shown, 8, 8, 8).permute(0, 2, 1, 3).reshape(16 * rows_shown, 64)
     ax.imshow(grid, cmap="gray_r")
