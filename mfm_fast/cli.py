@@ -51,7 +51,8 @@ def _common_args(ap: argparse.ArgumentParser, steps: int, n: int) -> None:
     ap.add_argument("--bf16", action="store_true", help="run under bf16 autocast (CUDA), as the release does")
     ap.add_argument("--impl", choices=("auto", "triton", "torch"), default="auto")
     ap.add_argument("--timeout", type=float, default=1800.0,
-                    help="seconds a rank waits for the others (one shard's compute at most) before the job fails")
+                    help="seconds a rank waits for the others before the job fails: at most one shard's compute "
+                         "(and the ranks' difference in start-up time) in a healthy run")
     ap.add_argument("--no-progress", action="store_true")
 
 
@@ -161,11 +162,15 @@ def cost_report(summary, nfe=None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- sample
+def sample_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mfm_fast sample", description=sample_main.__doc__)
+    _common_args(ap, steps=4, n=8)
+    return ap
+
+
 def sample_main(argv=None) -> int:
     """K-step refinement sampling (K network calls per image) of one class or random classes, on one process or
     under torchrun; writes samples.npz, grid.png and rewards.json into --out."""
-    ap = argparse.ArgumentParser(prog="python -m mfm_fast sample", description=sample_main.__doc__)
-    _common_args(ap, steps=4, n=8)
 
     def build(args, device):
         from .latents import load_vae
@@ -193,7 +198,7 @@ def sample_main(argv=None) -> int:
                     f"{s.seconds:.2f} s -> {args.out}/samples.npz")
         return make_shard, {}, describe
 
-    return _run(ap.parse_args(argv), "sample", build)
+    return _run(sample_parser().parse_args(argv), "sample", build)
 
 
 # ---------------------------------------------------------------------------------------------- steer
@@ -209,10 +214,7 @@ def _reward_kwargs(args, device) -> dict:
     return kw
 
 
-def steer_main(argv=None) -> int:
-    """Reward-steered sampling of one class with an image reward scored on decoded latents, on one process or
-    under torchrun; optionally Best-of-N over candidate pools (--best-of). Writes samples.npz, grid.png and
-    rewards.json (the steering reward of every sample) into --out."""
+def steer_parser() -> argparse.ArgumentParser:
     from .reward_models import DEFAULT_TEMPLATE, REWARD_MODELS
     from .steer import METHODS, RENORMS
     ap = argparse.ArgumentParser(prog="python -m mfm_fast steer", description=steer_main.__doc__)
@@ -235,6 +237,13 @@ def steer_main(argv=None) -> int:
     ap.add_argument("--best-of", type=int, default=1,
                     help="Best-of-N: N candidates per output sample (global indices), the highest reward kept "
                          "(with --method none: the Best-of-N baseline)")
+    return ap
+
+
+def steer_main(argv=None) -> int:
+    """Reward-steered sampling of one class with an image reward scored on decoded latents, on one process or
+    under torchrun; optionally Best-of-N over candidate pools (--best-of). Writes samples.npz, grid.png and
+    rewards.json (the steering reward of every sample) into --out."""
 
     def build(args, device):
         from .latents import decode_latents, load_vae
@@ -287,5 +296,5 @@ def steer_main(argv=None) -> int:
                     + cost_report(s, nfe))
         return make_shard, dict(best_of=args.best_of, select_by=name), describe
 
-    return _run(ap.parse_args(argv), "steer", build)
+    return _run(steer_parser().parse_args(argv), "steer", build)
 

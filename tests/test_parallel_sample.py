@@ -7,6 +7,8 @@ group) gives the same bytes on 1 and 2 processes, and a hanging rank ends it wit
 import datetime
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -75,15 +77,20 @@ def steer_args(files, out, *extra):
             "--no-progress", "--out", str(out), *extra]
 
 
+def torchrun_cmd() -> list:
+    """This environment's torchrun script, else the module it runs (the same program)."""
+    script = Path(sys.executable).with_name("torchrun")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+
+
 def torchrun(args, fault=None, timeout=240):
-    """`torchrun --standalone --nproc_per_node=2 -m mfm_fast ARGS` (python -m torch.distributed.run is torchrun)."""
+    """`torchrun --standalone --nproc_per_node=2 -m mfm_fast ARGS`."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     env.pop(FAULT_ENV, None)
     if fault:
         env[FAULT_ENV] = fault
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mfm_fast",
-           *args]
+    cmd = [*torchrun_cmd(), "--standalone", "--nproc_per_node=2", "-m", "mfm_fast", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -264,3 +271,34 @@ def test_python_api_on_two_processes_equals_one_and_a_hanging_rank_times_out(tmp
         _spawn_api(tmp_path / "hang")
     assert time.monotonic() - start < 60
     assert not (tmp_path / "hang" / "samples.npz").exists()
+
+
+def readme_torchrun_commands() -> list:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Many GPUs"):]
+    section = section[:section.index("\n## ", 1)]
+    commands = re.sub(r"\\\n\s*", "", section)  # join continued lines
+    return [shlex.split(line) for line in commands.splitlines() if line.startswith("torchrun ")]
+
+
+def test_the_readme_multi_gpu_commands_parse_as_the_tested_ones():
+    """Every torchrun command of the README parses with torchrun's own parser (no ambiguous prefix such as --n)
+    and runs `-m mfm_fast sample|steer` with arguments the command's parser accepts."""
+    from torch.distributed.run import get_args_parser
+
+    from mfm_fast.cli import sample_parser, steer_parser
+    commands = readme_torchrun_commands()
+    assert len(commands) >= 4
+    used = set()
+    for cmd in commands:
+        launch = get_args_parser().parse_args(cmd[1:])
+        assert launch.module and launch.training_script == "mfm_fast", cmd
+        sub, *rest = launch.training_script_args
+        args = {"sample": sample_parser, "steer": steer_parser}[sub]().parse_args(rest)
+        assert args.n >= 1000 and args.out, cmd  # real-size runs
+        used.add(sub)
+    assert used == {"sample", "steer"}
+    # and the tests launch the same way: torchrun --standalone --nproc_per_node=K -m mfm_fast <command>
+    tested = get_args_parser().parse_args(["--standalone", "--nproc_per_node=2", "-m", "mfm_fast",
+                                           *sample_args(Path("f"), "B")])
+    assert tested.standalone and tested.training_script_args[0] == "sample"
