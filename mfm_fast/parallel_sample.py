@@ -38,6 +38,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from . import distributed as D
 
@@ -188,12 +189,22 @@ class _Collective:
         if self.on and dist.get_backend() == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
 
-    def reduce(self, value: int, op) -> int:
+    def sync(self) -> None:
+        """A barrier with the timeout error of the rounds."""
+        self._reduce(0, "SUM")
+
+    def sum(self, value: int) -> int:
+        return self._reduce(value, "SUM")
+
+    def max(self, value: int) -> int:
+        return self._reduce(value, "MAX")
+
+    def _reduce(self, value: int, op: str) -> int:
         if not self.on:
             return value
         t = torch.tensor([value], dtype=torch.long, device=self.device)
         try:
-            dist.all_reduce(t, op=op)
+            dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         except RuntimeError as err:  # gloo/NCCL timeouts and lost peers
             raise RuntimeError(f"rank {dist.get_rank()}: the other ranks did not join the collective within the "
                                f"process group's timeout (--timeout), or one of them failed: {err}") from err
@@ -224,7 +235,7 @@ def run_sharded(make_shard: Callable, n: int, out, *, seed: int, shard_size: int
         raise ValueError("best_of > 1 needs select_by, the name of the reward that picks the best candidate")
     out = Path(out)
     if out.suffix.lower() == ".png" or out.is_file():
-        raise ValueError(f"--out must be an output directory (samples.npz, grid.png, rewards.json go inside), got "
+        raise ValueError(f"out must be an output directory (samples.npz, grid.png, rewards.json go inside), got "
                          f"{str(out)!r}")
     info = D.info()
     rank, world = info.rank, info.world_size
@@ -233,7 +244,7 @@ def run_sharded(make_shard: Callable, n: int, out, *, seed: int, shard_size: int
     _check_settings(out, full)  # every rank checks, so a refusal stops all of them alike
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     comm = _Collective()
-    D.barrier()
+    comm.sync()  # nobody writes run.json before every rank has compared it
     if rank == 0 and not (out / "run.json").is_file():
         _atomic_write(out / "run.json", lambda f: f.write(json.dumps({"settings": full}, indent=1).encode()))
 
@@ -241,12 +252,11 @@ def run_sharded(make_shard: Callable, n: int, out, *, seed: int, shard_size: int
     bounds = shard_bounds(total, shard_size)
     path = lambda k: out / SHARD_DIR / f"shard-{k:06d}.npz"  # noqa: E731
     todo = [k for k in rank_shards(len(bounds), rank, world) if not path(k).is_file()]
-    rounds = comm.reduce(len(todo), dist.ReduceOp.MAX if comm.on else None)
-    remaining = comm.reduce(sum(bounds[k][1] - bounds[k][0] for k in todo), dist.ReduceOp.SUM if comm.on else None)
-    computed = comm.reduce(len(todo), dist.ReduceOp.SUM if comm.on else None)
+    rounds = comm.max(len(todo))
+    remaining = comm.sum(sum(bounds[k][1] - bounds[k][0] for k in todo))
+    computed = comm.sum(len(todo))
     fault = _fault(rank)
     start_time = time.perf_counter()
-    from tqdm.auto import tqdm
     with tqdm(total=total, initial=total - remaining, desc=desc, unit="img", dynamic_ncols=True,
               disable=not (progress and rank == 0)) as bar:
         written = 0
@@ -260,9 +270,9 @@ def run_sharded(make_shard: Callable, n: int, out, *, seed: int, shard_size: int
                 shard = make_shard([sample_generator(seed, i, device) for i in range(a, b)], a, b)
                 _write_shard(path(k), shard, scorers, a, b, time.perf_counter() - t0)
                 written, rows = written + 1, b - a
-            bar.update(comm.reduce(rows, dist.ReduceOp.SUM if comm.on else None))  # samples/s over all ranks
+            bar.update(comm.sum(rows))  # the bar's rate: samples/s over all ranks
         _maybe_fail(fault, written, rank)
-    D.barrier()
+    comm.sync()
     if rank != 0:
         return None
     return _merge(out, n, best_of, select_by, bounds, path, grid, nrow, full, computed,
