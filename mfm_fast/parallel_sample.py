@@ -18,7 +18,8 @@ Layout of the output directory:
     grid.png                  the first `grid` images
     rewards.json              per-sample rewards by scorer, the summed cost, the settings
 
-A rerun skips the shards already on disk, so a killed job loses at most the shard each rank was computing. Ranks
+Rank 0 lists the shards not yet on disk and each rank takes a contiguous block of them, so a rerun skips finished
+shards (a killed job loses at most the shard each rank was computing) and stays balanced on any world size. Ranks
 step through their shards in lockstep rounds joined by one all-reduce (which also drives rank 0's progress bar), so
 no collective waits longer than one shard's compute: the process group's timeout then turns a rank that hangs into
 an error, and torchrun stops the job when a rank fails.
@@ -143,7 +144,8 @@ def _scores(name: str, scores, rows: int) -> np.ndarray:
     return scores.detach().float().cpu().numpy()
 
 
-def _write_shard(path: Path, out: ShardOutput, scorers: Mapping, start: int, stop: int, seconds: float) -> None:
+def _write_shard(path: Path, out: ShardOutput, scorers: Mapping, start: int, stop: int, seconds: float,
+                 rank: int, world: int) -> None:
     rows = stop - start
     images = _to_uint8(out.images)
     if images.shape[0] != rows:
@@ -153,7 +155,8 @@ def _write_shard(path: Path, out: ShardOutput, scorers: Mapping, start: int, sto
         for name, fn in scorers.items():
             rewards[name] = _scores(name, fn(out.images), rows)
     names = sorted(rewards)
-    meta = json.dumps({"start": start, "stop": stop, "reward_names": names, "seconds": seconds,
+    meta = json.dumps({"start": start, "stop": stop, "reward_names": names, "seconds": seconds, "rank": rank,
+                       "world_size": world,
                        "cost": {k: float(v) for k, v in out.cost.items()}})
     table = np.stack([rewards[k] for k in names]) if names else np.zeros((0, rows), np.float32)
     _atomic_write(path, lambda f: np.savez(f, images=images, rewards=table, meta=np.array(meta)))
@@ -181,7 +184,8 @@ def _check_settings(out: Path, settings: dict) -> None:
 
 
 class _Collective:
-    """Sum / max of an int over ranks (identity on one process); on NCCL the tensor lives on the rank's GPU."""
+    """The few collectives the runner needs, each raising one clear error on a timeout (identity on one process);
+    on NCCL the tensors live on the rank's GPU."""
 
     def __init__(self):
         self.on = D.is_distributed()
@@ -196,19 +200,31 @@ class _Collective:
     def sum(self, value: int) -> int:
         return self._reduce(value, "SUM")
 
-    def max(self, value: int) -> int:
-        return self._reduce(value, "MAX")
+    def from_rank0(self, values: list) -> list:
+        """Rank 0's list of ints on every rank."""
+        if not self.on:
+            return values
+        n = torch.tensor([len(values)], dtype=torch.long, device=self.device)
+        self._call(dist.broadcast, n, 0)
+        t = torch.tensor(values, dtype=torch.long, device=self.device) if dist.get_rank() == 0 else \
+            torch.empty(int(n.item()), dtype=torch.long, device=self.device)
+        self._call(dist.broadcast, t, 0)
+        return t.tolist()
 
     def _reduce(self, value: int, op: str) -> int:
         if not self.on:
             return value
         t = torch.tensor([value], dtype=torch.long, device=self.device)
+        self._call(dist.all_reduce, t, op=getattr(dist.ReduceOp, op))
+        return int(t.item())
+
+    @staticmethod
+    def _call(fn, *args, **kwargs):
         try:
-            dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+            fn(*args, **kwargs)
         except RuntimeError as err:  # gloo/NCCL timeouts and lost peers
             raise RuntimeError(f"rank {dist.get_rank()}: the other ranks did not join the collective within the "
                                f"process group's timeout (--timeout), or one of them failed: {err}") from err
-        return int(t.item())
 
 
 def run_sharded(make_shard: Callable, n: int, out, *, seed: int, shard_size: int = 32, best_of: int = 1,
@@ -251,10 +267,12 @@ def run_sharded(make_shard: Callable, n: int, out, *, seed: int, shard_size: int
     total = n * best_of
     bounds = shard_bounds(total, shard_size)
     path = lambda k: out / SHARD_DIR / f"shard-{k:06d}.npz"  # noqa: E731
-    todo = [k for k in rank_shards(len(bounds), rank, world) if not path(k).is_file()]
-    rounds = comm.max(len(todo))
-    remaining = comm.sum(sum(bounds[k][1] - bounds[k][0] for k in todo))
-    computed = comm.sum(len(todo))
+    # rank 0 alone lists the unfinished shards, so every rank splits the same list (even on a filesystem whose
+    # views lag), and a resume on another world size is balanced too
+    missing = comm.from_rank0([k for k in range(len(bounds)) if not path(k).is_file()] if rank == 0 else [])
+    todo = [missing[j] for j in rank_shards(len(missing), rank, world)]
+    rounds = -(-len(missing) // world)
+    remaining = sum(bounds[k][1] - bounds[k][0] for k in missing)
     fault = _fault(rank)
     start_time = time.perf_counter()
     with tqdm(total=total, initial=total - remaining, desc=desc, unit="img", dynamic_ncols=True,
@@ -268,19 +286,21 @@ def run_sharded(make_shard: Callable, n: int, out, *, seed: int, shard_size: int
                 a, b = bounds[k]
                 t0 = time.perf_counter()
                 shard = make_shard([sample_generator(seed, i, device) for i in range(a, b)], a, b)
-                _write_shard(path(k), shard, scorers, a, b, time.perf_counter() - t0)
+                _write_shard(path(k), shard, scorers, a, b, time.perf_counter() - t0, rank, world)
                 written, rows = written + 1, b - a
             bar.update(comm.sum(rows))  # the bar's rate: samples/s over all ranks
         _maybe_fail(fault, written, rank)
     comm.sync()
     if rank != 0:
         return None
-    return _merge(out, n, best_of, select_by, bounds, path, grid, nrow, full, computed,
+    return _merge(out, n, best_of, select_by, bounds, path, grid, nrow, full, len(missing),
                   time.perf_counter() - start_time)
 
 
 def _merge(out: Path, n: int, best_of: int, select_by, bounds, path, grid, nrow, settings, computed,
            seconds) -> RunSummary:
+    for stale in (out / SHARD_DIR).glob(".shard-*.tmp*"):  # left by a rank killed mid-write
+        stale.unlink(missing_ok=True)
     missing = [str(path(k)) for k in range(len(bounds)) if not path(k).is_file()]
     if missing:
         raise RuntimeError(f"{len(missing)} shard(s) missing after every rank finished (is --out on a filesystem "

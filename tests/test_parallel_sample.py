@@ -263,6 +263,21 @@ def test_python_api_on_two_processes_equals_one_and_a_hanging_rank_times_out(tmp
                 progress=False)
     _spawn_api(tmp_path / "two")
     assert npz_bytes(tmp_path / "two") == npz_bytes(tmp_path / "one")
+    # one process killed after its first shard, resumed on two: the remaining shards 1 and 2 are split between
+    # the ranks, and the bytes are the same
+    monkeypatch.setenv(FAULT_ENV, "0:raise:1")
+    with pytest.raises(RuntimeError, match="rank 0 fails after writing 1 shard"):
+        run_sharded(_fake_shard, 4, tmp_path / "resumed", seed=3, shard_size=5, best_of=3, select_by="steer",
+                    progress=False)
+    monkeypatch.delenv(FAULT_ENV)
+    _spawn_api(tmp_path / "resumed")
+    assert npz_bytes(tmp_path / "resumed") == npz_bytes(tmp_path / "one")
+    writers = []
+    for k in range(3):
+        with np.load(tmp_path / "resumed" / "shards" / f"shard-{k:06d}.npz") as z:
+            meta = json.loads(str(z["meta"]))
+        writers.append((meta["rank"], meta["world_size"]))
+    assert writers == [(0, 1), (0, 2), (1, 2)]
     # rank 1 stops responding before its first shard: rank 0's next collective raises after the 3 s timeout
     # and the launcher then ends rank 1 instead of waiting for it forever
     monkeypatch.setenv(FAULT_ENV, "1:hang:0")
