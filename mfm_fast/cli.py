@@ -94,12 +94,6 @@ def _label(model, label: str, allow_random: bool):
     return value
 
 
-def _labels(label, num_classes: int, generators, device) -> torch.Tensor:
-    if label == "random":  # drawn first from the sample's generator: the class is a function of (seed, index)
-        return torch.cat([torch.randint(num_classes, (1,), generator=g, device=device) for g in generators])
-    return torch.full((len(generators),), label, dtype=torch.long, device=device)
-
-
 def _autocast(args, device):
     if not args.bf16:
         return contextlib.nullcontext()
@@ -131,7 +125,8 @@ def _run(args, desc: str, build) -> int:
     from . import distributed as D
     from .parallel_sample import run_sharded
     _validate(args)
-    info = D.init_from_env(timeout=datetime.timedelta(seconds=args.timeout))
+    backend = "nccl" if torch.device(args.device).type == "cuda" else "gloo"  # gloo for --device cpu on a GPU host
+    info = D.init_from_env(backend, timeout=datetime.timedelta(seconds=args.timeout))
     try:
         device = _rank_device(args.device, info)
         make_shard, kw, describe = build(args, device)
@@ -174,24 +169,14 @@ def sample_main(argv=None) -> int:
 
     def build(args, device):
         from .latents import load_vae
-        from .sampling import randn_rows, refine_sample
+        from .parallel_sample import refine_shard
         dtype = DTYPES[args.dtype]
         model = load_model(args.ckpt, args.impl, dtype, device)
         _check_cfg(model, args.cfg)
         label = _label(model, args.label, allow_random=True)
         vae = load_vae(args.vae, device=device, dtype=dtype)
-        like = torch.empty((), device=device, dtype=dtype)
-
-        def make_shard(gens, start, stop):
-            from .parallel_sample import ShardOutput
-            y = _labels(label, model.config.num_classes, gens, device)
-            noise = randn_rows((len(gens), *model.event_shape), like, gens)
-            with _autocast(args, device):
-                res = refine_sample(model, noise, steps=args.steps, generator=gens, return_result=True, y=y,
-                                    cfg=args.cfg)
-            B = len(gens)
-            return ShardOutput(_decode(vae, res.samples), {},
-                               {"forward_calls": args.steps, "forward_evals": args.steps * B})
+        make_shard = refine_shard(model, lambda z: _decode(vae, z), args.steps, label, cfg=args.cfg,
+                                  context=lambda: _autocast(args, device))
 
         def describe(s):
             return (f"sample: {s.n} images of class {args.label}, {args.steps} NFE each, cfg {args.cfg}, "
@@ -247,16 +232,13 @@ def steer_main(argv=None) -> int:
 
     def build(args, device):
         from .latents import decode_latents, load_vae
-        from .parallel_sample import ShardOutput
+        from .parallel_sample import steer_shard
         from .reward_models import get_reward_model
         from .rewards import DecodeThenScore
-        from .sampling import randn_rows
-        from .steer import steer
         from .steps import paper_nfe
         check_positive_int("--particles", args.particles)
         check_positive_int("--best-of", args.best_of)
-        if args.method == "smc":
-            # SMC resamples across the rows of a batch, so a sample would depend on its shard-mates
+        if args.method == "smc":  # before any loading; steer_shard refuses it too
             raise ValueError("--method smc couples the samples of a population and cannot be sharded; use "
                              "mfm_fast.steer.steer with population= directly")
         if args.chunk_size is not None:
@@ -270,20 +252,11 @@ def steer_main(argv=None) -> int:
         prompted = scorer.for_labels([label], names_file=args.class_names)  # one prompt for every image
         name = getattr(scorer, "name", args.reward)
         reward = DecodeThenScore(lambda z: decode_latents(vae, z), prompted, name=f"decode_then_{name}")
-        like = torch.empty((), device=device, dtype=dtype)
-
-        def make_shard(gens, start, stop):
-            noise = randn_rows((len(gens), *model.event_shape), like, gens)
-            y = torch.full((len(gens),), label, dtype=torch.long, device=device)
-            with _autocast(args, device):
-                res = steer(model, reward, noise, steps=args.steps, method=args.method, n_particles=args.particles,
-                            lam=args.lam, sde=args.sde, renorm=None if args.renorm == "none" else args.renorm,
-                            t_start=args.t_start, generator=gens, return_result=True, chunk_size=args.chunk_size,
-                            progress=False, y=y, cfg=args.cfg)
-            c = res.cost
-            cost = {"forward_calls": c.forward_calls, "forward_evals": c.forward_evals,
-                    "backward_evals": c.backward_evals, "reward_evals": c.reward_evals}
-            return ShardOutput(_decode(vae, res.samples), {name: res.rewards}, cost)
+        make_shard = steer_shard(model, lambda z: _decode(vae, z), reward, name, label, cfg=args.cfg,
+                                 context=lambda: _autocast(args, device), steps=args.steps, method=args.method,
+                                 n_particles=args.particles, lam=args.lam, sde=args.sde,
+                                 renorm=None if args.renorm == "none" else args.renorm, t_start=args.t_start,
+                                 chunk_size=args.chunk_size)
 
         nfe = paper_nfe(args.method, args.steps, args.particles)
         if nfe is not None and args.best_of > 1:

@@ -29,6 +29,7 @@ index g·N + j, and rank 0 keeps, per group, the candidate with the highest `sel
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -42,6 +43,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import distributed as D
+from ._checks import model_dtype
+from .sampling import randn_rows, refine_sample
+from .steer import steer
 
 # test and drill hook: "RANK:ACTION:K" makes rank RANK raise ("raise") or stop responding ("hang") once it has
 # written K shards in this invocation
@@ -91,6 +95,63 @@ def rank_shards(num_shards: int, rank: int, world: int) -> range:
     return range(start, start + per + (rank < extra))
 
 
+# ---------------------------------------------------------------------------------------------- shard builders
+def _noise_and_labels(model, label, gens, like):
+    """Per sample: its class (drawn first when label == "random") and its initial noise, from its own generator."""
+    if label == "random":
+        nc = model.config.num_classes
+        y = torch.cat([torch.randint(nc, (1,), generator=g, device=like.device) for g in gens])
+    else:
+        y = torch.full((len(gens),), int(label), dtype=torch.long, device=like.device)
+    return randn_rows((len(gens), *model.event_shape), like, gens), y
+
+
+def _like(model, device) -> torch.Tensor:
+    return torch.empty((), device=device, dtype=model_dtype(model) or torch.float32)
+
+
+def refine_shard(model, decode: Callable, steps: int, label, cfg=None, context=contextlib.nullcontext) -> Callable:
+    """make_shard for `run_sharded`: K-step refinement samples of class `label` (an int, or "random": one class per
+    sample from its generator) with guidance weight `cfg`, decoded to images in [0, 1] by `decode(latents)`.
+    `context()` wraps the network calls (e.g. autocast)."""
+    def make_shard(gens, start, stop):
+        noise, y = _noise_and_labels(model, label, gens, _like(model, gens[0].device))
+        cond = {"y": y} if cfg is None else {"y": y, "cfg": cfg}
+        with context():
+            res = refine_sample(model, noise, steps=steps, generator=gens, return_result=True, **cond)
+        with torch.no_grad():
+            images = decode(res.samples)
+        return ShardOutput(images, {}, {"forward_calls": steps, "forward_evals": steps * len(gens)})
+    return make_shard
+
+
+def steer_shard(model, decode: Callable, reward, reward_name: str, label: int, cfg=None,
+                context=contextlib.nullcontext, **steer_kw) -> Callable:
+    """make_shard for `run_sharded`: `steer(model, reward, noise, generator=<per-sample generators>, **steer_kw)`
+    of class `label`, decoded by `decode(latents)`; records each sample's steering reward under `reward_name` and
+    the counted cost. Methods whose rows interact (SMC, global search) are refused: a sample would then depend on
+    the other samples of its shard."""
+    if steer_kw.get("method") == "smc" or steer_kw.get("search_mode") == "global":
+        raise ValueError(f"method={steer_kw.get('method')!r} (search_mode={steer_kw.get('search_mode')!r}) couples "
+                         "the samples of a population and cannot be sharded; call mfm_fast.steer with population= "
+                         "instead")
+
+    def make_shard(gens, start, stop):
+        noise, y = _noise_and_labels(model, label, gens, _like(model, gens[0].device))
+        cond = {"y": y} if cfg is None else {"y": y, "cfg": cfg}
+        with context():
+            res = steer(model, reward, noise, generator=gens, return_result=True, progress=False, **steer_kw,
+                        **cond)
+        with torch.no_grad():
+            images = decode(res.samples)
+        c = res.cost
+        cost = {"forward_calls": c.forward_calls, "forward_evals": c.forward_evals,
+                "backward_evals": c.backward_evals, "reward_evals": c.reward_evals}
+        return ShardOutput(images, {reward_name: res.rewards}, cost)
+    return make_shard
+
+
+# ---------------------------------------------------------------------------------------------- the runner
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -26,7 +26,7 @@ from mfm_fast.__main__ import main as cli_main
 from mfm_fast.latents import decode_latents, load_vae
 from mfm_fast.models.checkpoints import load_official_mfm
 from mfm_fast.parallel_sample import (FAULT_ENV, ShardOutput, rank_shards, run_sharded, sample_generator,
-                                      sample_seed, shard_bounds)
+                                      sample_seed, shard_bounds, steer_shard)
 from mfm_fast.sampling import randn_rows, refine_sample
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout under test, whatever its path
@@ -175,6 +175,8 @@ def test_bad_outputs_and_changed_settings_are_refused(files, sample_a, tmp_path)
         cli_main(sample_args(files, tmp_path / "x", "--shard-size", "0"))
     with pytest.raises(ValueError, match="--method smc couples the samples"):
         cli_main(steer_args(files, tmp_path / "y", "--method", "smc"))
+    with pytest.raises(ValueError, match="search_mode='global'.* cannot be sharded"):
+        steer_shard(None, None, None, "r", 1, method="search", search_mode="global")
 
 
 # ---------------------------------------------------------------------------------------------- steer
