@@ -8,7 +8,8 @@ shards of `shard_size` consecutive indices, and one shard is one batch through t
 depend on its batch size (on CPU they do), so the shard size — never the world size — fixes every batch. Hence
 `samples.npz` is bitwise identical for any world size, any assignment of shards to ranks, and across kills and
 resumes, for the same settings (`shard_size` and the value estimator's `chunk_size` included, both recorded in
-run.json), device type, library versions and thread count (torchrun sets OMP_NUM_THREADS=1 per worker).
+run.json), device type, library versions and thread count (torchrun sets OMP_NUM_THREADS=1 per worker when
+it is unset; give a single process the same).
 
 Layout of the output directory:
     run.json                  the settings the shards belong to; a rerun with other settings is refused
