@@ -44,10 +44,13 @@ _EXPORTS = {
     "get_reward_model": "mfm_fast.reward_models",
     "auto_chunk_size": "mfm_fast.memory",
     "GraphCaptureError": "mfm_fast.graphs",
+    "run_sharded": "mfm_fast.parallel_sample",
+    "ShardOutput": "mfm_fast.parallel_sample",
+    "sample_generator": "mfm_fast.parallel_sample",
 }
 _SUBMODULES = {"data", "metrics", "rewards", "losses", "interpolant", "glass", "value", "finetune",
                "train", "backend", "ops", "models", "sampling", "graphs", "experiments",
-               "memory", "profile"}
+               "memory", "profile", "parallel_sample", "distributed"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -1,8 +1,11 @@
-"""`python -m mfm_fast steer` and `python -m mfm_fast sample`: image grids from an MFM checkpoint and an SD-VAE.
+"""`python -m mfm_fast steer` and `python -m mfm_fast sample`: images from an MFM checkpoint and an SD-VAE, on one
+process or data-parallel under torchrun, written into an output directory: samples.npz (the ADM evaluator's
+format), grid.png and rewards.json (`mfm_fast.parallel_sample` has the layout and what is invariant).
 
     python -m mfm_fast steer --ckpt mfm-xl2.pt --vae sd-vae-ft-mse/ --class 281 --reward hpsv2 \\
-        --reward-weights HPS_v2_compressed.pt --method mfm-g --particles 4 --steps 250 --out grid.png
-    python -m mfm_fast sample --ckpt mfm-xl2.pt --vae sd-vae-ft-mse/ --class 281 --steps 4 --cfg 2.5 --out grid.png
+        --reward-weights HPS_v2_compressed.pt --method mfm-g --particles 4 --steps 250 --num-samples 64 --out steer_out
+    torchrun --standalone --nproc_per_node=8 -m mfm_fast sample --ckpt mfm-xl2.pt --vae sd-vae-ft-mse/ \\
+        --class random --steps 4 --cfg 2.5 --num-samples 50000 --out fid50k
 
 The checkpoint may be the official release, a nested/prefixed training checkpoint, an mfm_fast checkpoint
 (`mfm_fast.train.save`) or an mfm_fast .safetensors file (`mfm_fast.models.checkpoints.load_official_mfm`).
@@ -12,38 +15,57 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
-from typing import Optional
+import datetime
 
 import torch
 
 from ._checks import check_positive_int
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# arguments that do not change the samples: left out of the settings a resume must match
+_NOT_SETTINGS = ("out", "nrow", "grid", "device", "no_progress", "timeout")
 
 
 def _common_args(ap: argparse.ArgumentParser, steps: int, n: int) -> None:
     ap.add_argument("--ckpt", required=True, help="MFM checkpoint (.pt / .safetensors)")
     ap.add_argument("--vae", required=True, help="local AutoencoderKL directory (e.g. sd-vae-ft-mse)")
-    ap.add_argument("--class", dest="label", type=int, default=281,
+    ap.add_argument("--class", dest="label", default="281",
                     help="class label (num_classes = the null class; default 281, tabby cat)")
-    ap.add_argument("--n", type=int, default=n, help="number of images")
+    # --num-samples under torchrun: its own parser rejects --n as an ambiguous prefix of --nnodes/--nproc-per-node
+    ap.add_argument("--num-samples", "--n", dest="n", type=int, default=n, help="number of output images")
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--cfg", type=float, default=2.5,
                     help="guidance scale: one of the model's guidance-table weights (release: 1.0, 2.5)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="grid.png", help="output PNG grid")
+    ap.add_argument("--seed", type=int, default=0, help="sample i draws its randomness from (seed, i) only")
+    ap.add_argument("--out", default="samples",
+                    help="output directory: samples.npz (uint8 NHWC under arr_0), grid.png, rewards.json, "
+                         "shards/ (a rerun resumes from them)")
+    ap.add_argument("--shard-size", type=int, default=32,
+                    help="samples per shard: the unit of work, of resumption, and the network batch (the "
+                         "samples depend on it, not on the number of processes)")
+    ap.add_argument("--grid", type=int, default=64, help="images in grid.png (the first ones)")
     ap.add_argument("--nrow", type=int, default=8, help="images per grid row")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model and VAE weight dtype")
     ap.add_argument("--bf16", action="store_true", help="run under bf16 autocast (CUDA), as the release does")
     ap.add_argument("--impl", choices=("auto", "triton", "torch"), default="auto")
+    ap.add_argument("--timeout", type=float, default=1800.0,
+                    help="seconds a rank waits for the others before the job fails: at most one shard's compute "
+                         "(and the ranks' difference in start-up time) in a healthy run")
     ap.add_argument("--no-progress", action="store_true")
 
 
 def _validate(args) -> None:
-    for name in ("n", "steps", "nrow"):
-        check_positive_int(f"--{name}", getattr(args, name))
+    for name in ("num_samples", "steps", "nrow", "shard_size", "grid"):
+        check_positive_int(f"--{name.replace('_', '-')}", getattr(args, "n" if name == "num_samples" else name))
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.out.lower().endswith(".png"):
+        raise ValueError(f"--out is an output directory (samples.npz, grid.png, rewards.json go inside), got the "
+                         f"file name {args.out!r}")
 
 
 def load_model(path, impl="auto", dtype=torch.float32, device="cpu"):
@@ -57,74 +79,115 @@ def _check_cfg(model, cfg: float) -> None:
     check_guidance_weight("--cfg", cfg, model.config.class_guidance_ws)
 
 
-def _labels(model, label: int, n: int, device) -> torch.Tensor:
+def _label(model, label: str, allow_random: bool):
+    """--class as an int in [0, num_classes], or "random" (a class per sample, from that sample's generator)."""
     nc = model.config.num_classes
-    if not 0 <= label <= nc:
-        raise ValueError(f"--class must lie in [0, {nc}] ({nc} = null class), got {label}")
-    return torch.full((n,), label, dtype=torch.long, device=device)
+    if label == "random" and allow_random:
+        return "random"
+    try:
+        value = int(label)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= nc:
+        extra = ' or "random"' if allow_random else ""
+        raise ValueError(f"--class must lie in [0, {nc}] ({nc} = null class){extra}, got {label}")
+    return value
 
 
-def _autocast(args):
+def _autocast(args, device):
     if not args.bf16:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
-def _save(vae, z, args) -> None:
-    from .latents import decode_latents, save_image_grid
+def _rank_device(device: str, info) -> str:
+    """One GPU per rank: a bare "cuda" becomes cuda:LOCAL_RANK under torchrun."""
+    if torch.device(device).type == "cuda" and torch.device(device).index is None and info.world_size > 1:
+        return f"cuda:{info.local_rank}"
+    return device
+
+
+def _settings(args) -> dict:
+    settings = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    settings["device_type"] = torch.device(args.device).type
+    return settings
+
+
+def _decode(vae, z):
+    from .latents import decode_latents
     with torch.no_grad():
-        images = decode_latents(vae, z.to(vae.dtype))
-    save_image_grid(images, args.out, nrow=args.nrow)
+        return decode_latents(vae, z.to(vae.dtype))
 
 
-class ProgressModel:
-    """Forwards to the model and advances a progress bar by one network call."""
-
-    def __init__(self, model, bar):
-        self.model, self.bar = model, bar
-
-    def __getattr__(self, attr):
-        if attr in ("model", "bar"):
-            raise AttributeError(attr)
-        return getattr(self.model, attr)
-
-    def __call__(self, *args, **kwargs):
-        out = self.model(*args, **kwargs)
-        self.bar.update(1)
-        return out
-
-
-# ---------------------------------------------------------------------------------------------- sample
-def sample_main(argv=None) -> int:
-    """K-step refinement sampling (K network calls per image) of one class, decoded to a PNG grid."""
-    from tqdm.auto import tqdm
-
-    from .latents import load_vae
-    from .sampling import refine_sample
-    ap = argparse.ArgumentParser(prog="python -m mfm_fast sample", description=sample_main.__doc__)
-    _common_args(ap, steps=4, n=8)
-    args = ap.parse_args(argv)
+def _run(args, desc: str, build) -> int:
+    """Set up the process group (torchrun) or a single process, build (args, device) -> (make_shard, run kwargs),
+    run the shards, report on rank 0."""
+    from . import distributed as D
+    from .parallel_sample import run_sharded
     _validate(args)
-    dtype = DTYPES[args.dtype]
-    model = load_model(args.ckpt, args.impl, dtype, args.device)
-    _check_cfg(model, args.cfg)
-    vae = load_vae(args.vae, device=args.device, dtype=dtype)
-    g = torch.Generator(device=args.device).manual_seed(args.seed)
-    noise = torch.randn((args.n, *model.event_shape), generator=g, device=args.device, dtype=dtype)
-    y = _labels(model, args.label, args.n, args.device)
-    start = time.perf_counter()
-    with tqdm(total=args.steps, desc="sample", unit="nfe", disable=args.no_progress) as bar, _autocast(args):
-        res = refine_sample(ProgressModel(model, bar), noise, steps=args.steps, generator=g, return_result=True,
-                            y=y, cfg=args.cfg)
-    seconds = time.perf_counter() - start
-    _save(vae, res.samples, args)
-    print(f"sample: {args.n} images of class {args.label}, {res.nfe} NFE each, cfg {args.cfg}, "
-          f"{seconds:.2f} s on {args.device} -> {args.out}")
+    backend = "nccl" if torch.device(args.device).type == "cuda" else "gloo"  # gloo for --device cpu on a GPU host
+    info = D.init_from_env(backend, timeout=datetime.timedelta(seconds=args.timeout))
+    try:
+        device = _rank_device(args.device, info)
+        make_shard, kw, describe = build(args, device)
+        summary = run_sharded(make_shard, args.n, args.out, seed=args.seed, shard_size=args.shard_size,
+                              settings=_settings(args), grid=args.grid, nrow=args.nrow, device=device,
+                              progress=not args.no_progress, desc=desc, **kw)
+        if summary is not None:
+            print(describe(summary))
+    finally:
+        D.shutdown()
     return 0
 
 
+def cost_report(summary, nfe=None) -> str:
+    c, n = summary.cost, summary.candidates
+    fwd, bwd = int(c.get("forward_evals", 0)), int(c.get("backward_evals", 0))
+    lines = [f"  output samples        {summary.n} ({summary.candidates} computed)",
+             f"  paper NFE per sample  {nfe if nfe is not None else 'n/a'}",
+             f"  network calls         {int(c.get('forward_calls', 0))}",
+             f"  forward rows          {fwd}",
+             f"  backward rows         {bwd}",
+             f"  reward evaluations    {int(c.get('reward_evals', 0))}",
+             f"  passes per sample     {(fwd + bwd) / max(n, 1):.1f}"]
+    lines += [f"  mean reward           {v.mean():.4f} ({k})" for k, v in summary.rewards.items()]
+    lines += [f"  shards                {summary.shards} ({summary.shards_computed} computed by this run)",
+              f"  wall time             {summary.seconds:.2f} s (this run)"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- sample
+def sample_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mfm_fast sample", description=sample_main.__doc__)
+    _common_args(ap, steps=4, n=8)
+    return ap
+
+
+def sample_main(argv=None) -> int:
+    """K-step refinement sampling (K network calls per image) of one class or random classes, on one process or
+    under torchrun; writes samples.npz, grid.png and rewards.json into --out."""
+
+    def build(args, device):
+        from .latents import load_vae
+        from .parallel_sample import refine_shard
+        dtype = DTYPES[args.dtype]
+        model = load_model(args.ckpt, args.impl, dtype, device)
+        _check_cfg(model, args.cfg)
+        label = _label(model, args.label, allow_random=True)
+        vae = load_vae(args.vae, device=device, dtype=dtype)
+        make_shard = refine_shard(model, lambda z: _decode(vae, z), args.steps, label, cfg=args.cfg,
+                                  context=lambda: _autocast(args, device))
+
+        def describe(s):
+            return (f"sample: {s.n} images of class {args.label}, {args.steps} NFE each, cfg {args.cfg}, "
+                    f"{s.seconds:.2f} s -> {args.out}/samples.npz")
+        return make_shard, {}, describe
+
+    return _run(sample_parser().parse_args(argv), "sample", build)
+
+
 # ---------------------------------------------------------------------------------------------- steer
-def _reward_kwargs(args) -> dict:
+def _reward_kwargs(args, device) -> dict:
     from .reward_models import REWARD_MODELS
     kw = {}
     for opt, key in (("reward_weights", "weights"), ("reward_config", "med_config"),
@@ -132,31 +195,13 @@ def _reward_kwargs(args) -> dict:
         if getattr(args, opt) is not None:
             kw[key] = getattr(args, opt)
     if args.reward in REWARD_MODELS:
-        kw["device"] = args.device
+        kw["device"] = device
     return kw
 
 
-def cost_report(result, seconds: Optional[float] = None) -> str:
-    c = result.cost
-    lines = [f"  output samples        {c.batch}",
-             f"  paper NFE per sample  {c.nfe if c.nfe is not None else 'n/a'}",
-             f"  network calls         {c.forward_calls}",
-             f"  forward rows          {c.forward_evals}",
-             f"  backward rows         {c.backward_evals}",
-             f"  reward evaluations    {c.reward_evals}",
-             f"  passes per sample     {c.evals_per_sample:.1f}",
-             f"  mean reward           {result.mean_reward:.4f}"]
-    if seconds is not None:
-        lines.append(f"  wall time             {seconds:.2f} s")
-    return "\n".join(lines)
-
-
-def steer_main(argv=None) -> int:
-    """Reward-steered sampling of one class with an image reward scored on decoded latents; writes a PNG grid."""
-    from .latents import decode_latents, load_vae
-    from .reward_models import DEFAULT_TEMPLATE, REWARD_MODELS, get_reward_model
-    from .rewards import DecodeThenScore
-    from .steer import METHODS, RENORMS, steer
+def steer_parser() -> argparse.ArgumentParser:
+    from .reward_models import DEFAULT_TEMPLATE, REWARD_MODELS
+    from .steer import METHODS, RENORMS
     ap = argparse.ArgumentParser(prog="python -m mfm_fast steer", description=steer_main.__doc__)
     _common_args(ap, steps=250, n=4)
     ap.add_argument("--reward", default="hpsv2",
@@ -174,29 +219,55 @@ def steer_main(argv=None) -> int:
     ap.add_argument("--renorm", choices=[r or "none" for r in RENORMS], default="rescale")
     ap.add_argument("--t-start", type=float, default=0.01)
     ap.add_argument("--chunk-size", type=int, default=None, help="rows per network call in the value estimator")
-    args = ap.parse_args(argv)
-    _validate(args)
-    check_positive_int("--particles", args.particles)
-    dtype = DTYPES[args.dtype]
+    ap.add_argument("--best-of", type=int, default=1,
+                    help="Best-of-N: N candidates per output sample (global indices), the highest reward kept "
+                         "(with --method none: the Best-of-N baseline)")
+    return ap
 
-    model = load_model(args.ckpt, args.impl, dtype, args.device)
-    _check_cfg(model, args.cfg)
-    vae = load_vae(args.vae, device=args.device, dtype=dtype)
-    scorer = get_reward_model(args.reward, prompt_template=args.prompt_template, **_reward_kwargs(args))
-    prompted = scorer.for_labels([args.label], names_file=args.class_names)  # one prompt for every image
-    reward = DecodeThenScore(lambda z: decode_latents(vae, z), prompted, name=f"decode_then_{args.reward}")
-    g = torch.Generator(device=args.device).manual_seed(args.seed)
-    noise = torch.randn((args.n, *model.event_shape), generator=g, device=args.device, dtype=dtype)
-    y = _labels(model, args.label, args.n, args.device)
-    start = time.perf_counter()
-    with _autocast(args):
-        res = steer(model, reward, noise, steps=args.steps, method=args.method, n_particles=args.particles,
-                    lam=args.lam, sde=args.sde, renorm=None if args.renorm == "none" else args.renorm,
-                    t_start=args.t_start, generator=g, return_result=True, chunk_size=args.chunk_size,
-                    progress=not args.no_progress, y=y, cfg=args.cfg)
-    seconds = time.perf_counter() - start
-    _save(vae, res.samples, args)
-    print(f"steer[{args.method}]: {args.n} images of class {args.label} ({prompted.prompts[0]!r}), "
-          f"reward {args.reward}, lambda {args.lam}, {args.particles} particles, {args.steps} steps -> {args.out}")
-    print(cost_report(res, seconds))
-    return 0
+
+def steer_main(argv=None) -> int:
+    """Reward-steered sampling of one class with an image reward scored on decoded latents, on one process or
+    under torchrun; optionally Best-of-N over candidate pools (--best-of). Writes samples.npz, grid.png and
+    rewards.json (the steering reward of every sample) into --out."""
+
+    def build(args, device):
+        from .latents import decode_latents, load_vae
+        from .parallel_sample import steer_shard
+        from .reward_models import get_reward_model
+        from .rewards import DecodeThenScore
+        from .steps import paper_nfe
+        check_positive_int("--particles", args.particles)
+        check_positive_int("--best-of", args.best_of)
+        if args.method == "smc":  # before any loading; steer_shard refuses it too
+            raise ValueError("--method smc couples the samples of a population and cannot be sharded; use "
+                             "mfm_fast.steer.steer with population= directly")
+        if args.chunk_size is not None:
+            check_positive_int("--chunk-size", args.chunk_size)
+        dtype = DTYPES[args.dtype]
+        model = load_model(args.ckpt, args.impl, dtype, device)
+        _check_cfg(model, args.cfg)
+        label = _label(model, args.label, allow_random=False)
+        vae = load_vae(args.vae, device=device, dtype=dtype)
+        scorer = get_reward_model(args.reward, prompt_template=args.prompt_template, **_reward_kwargs(args, device))
+        prompted = scorer.for_labels([label], names_file=args.class_names)  # one prompt for every image
+        name = getattr(scorer, "name", args.reward)
+        reward = DecodeThenScore(lambda z: decode_latents(vae, z), prompted, name=f"decode_then_{name}")
+        make_shard = steer_shard(model, lambda z: _decode(vae, z), reward, name, label, cfg=args.cfg,
+                                 context=lambda: _autocast(args, device), steps=args.steps, method=args.method,
+                                 n_particles=args.particles, lam=args.lam, sde=args.sde,
+                                 renorm=None if args.renorm == "none" else args.renorm, t_start=args.t_start,
+                                 chunk_size=args.chunk_size)
+
+        nfe = paper_nfe(args.method, args.steps, args.particles)
+        if nfe is not None and args.best_of > 1:
+            nfe = nfe * args.best_of + args.best_of  # N candidates and their N reward evaluations
+
+        def describe(s):
+            return (f"steer[{args.method}]: {s.n} images of class {label} ({prompted.prompts[0]!r}), reward "
+                    f"{args.reward}, lambda {args.lam}, {args.particles} particles, {args.steps} steps"
+                    f"{f', best of {args.best_of}' if args.best_of > 1 else ''} -> {args.out}/samples.npz\n"
+                    + cost_report(s, nfe))
+        return make_shard, dict(best_of=args.best_of, select_by=name), describe
+
+    return _run(steer_parser().parse_args(argv), "steer", build)
+

@@ -10,6 +10,7 @@ K-process run computes exactly the loss a single process computes at the same gl
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Iterable
@@ -42,11 +43,12 @@ def info() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
 
 
-def init_from_env(backend: str | None = None) -> DistInfo:
+def init_from_env(backend: str | None = None, timeout: datetime.timedelta | None = None) -> DistInfo:
     """Initialise the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
     Without WORLD_SIZE > 1 nothing happens. backend: "nccl" on CUDA, else "gloo". On CUDA the local device is
-    selected before any collective."""
+    selected before any collective. `timeout`: how long a collective waits for the other ranks before it raises
+    (None: PyTorch's default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or (dist.is_available() and dist.is_initialized()):
         return info()
@@ -57,7 +59,7 @@ def init_from_env(backend: str | None = None) -> DistInfo:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
     return info()
 
 

@@ -5,13 +5,54 @@ flow_map, one-step posterior sampling, the unconditional drift, and the K-step r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Sequence, Union
 
 import torch
 
 from ._checks import as_time, check_cond_rows, check_dtype, check_finite, check_finite_scalar, check_input, \
     check_model_output, check_positive_int, check_state, model_dtype, n_per_group
 from .interpolant import bcast, time_grid
+
+
+# one torch.Generator for the whole batch, or one per row (row i then draws from its own stream only, so its random
+# numbers do not depend on which other rows share the batch: `mfm_fast.parallel_sample` relies on this)
+Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
+def check_generators(name: str, generator, rows: int, device) -> None:
+    """None, a torch.Generator, or a sequence of exactly `rows` torch.Generators on `device`'s type."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, (list, tuple)):
+        raise TypeError(f"{name} must be None, a torch.Generator or a list of one torch.Generator per row, got "
+                        f"{type(generator).__name__}")
+    if len(generator) != rows:
+        raise ValueError(f"{name}: a list of per-row generators needs one per row ({rows}), got {len(generator)}")
+    dev = torch.device(device).type
+    for i, g in enumerate(generator):
+        if not isinstance(g, torch.Generator):
+            raise TypeError(f"{name}[{i}] must be a torch.Generator, got {type(g).__name__}")
+        if g.device.type != dev:
+            raise ValueError(f"{name}[{i}] is a {g.device.type} generator but the samples are on {dev}")
+
+
+def randn_rows(shape, like: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """torch.randn(shape) on like's device and dtype; with per-row generators, row i (of shape[0]) comes from
+    generator[i] alone."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=like.device, dtype=like.dtype)
+                        for g in generator])
+
+
+def rand_groups(groups: int, like: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """One uniform per group of consecutive rows, (groups,); with per-row generators, group p draws from the
+    generator of its first row."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(groups, generator=generator, device=like.device, dtype=like.dtype)
+    per = len(generator) // groups
+    return torch.stack([torch.rand((), generator=generator[p * per], device=like.device, dtype=like.dtype)
+                        for p in range(groups)])
 
 
 def event_shape_of(model, x: torch.Tensor) -> tuple:
@@ -53,23 +94,24 @@ def flow_map(model, s, u, xbar, t, x, **cond) -> torch.Tensor:
     return xbar + bcast(u - s, xbar) * v
 
 
-def posterior_sample(model, t, x, n: int = 1, generator: Optional[torch.Generator] = None, noise=None,
+def posterior_sample(model, t, x, n: int = 1, generator: Generators = None, noise=None,
                      steps: int = 1, **cond) -> torch.Tensor:
     """Samples of p(x1 | x_t = x): X_{0,1}(ε; t, x), ε ~ N(0, I). Returns (B, n, *event).
 
     steps = K > 1 composes the flow map on the uniform grid 0 = s_0 < … < s_K = 1 at the fixed context (t, x),
     X_{s_{K−1},1} ∘ … ∘ X_{0,s_1}(ε): K network calls per sample, less distillation error per jump.
     Differentiable in x (the value-gradient estimators backpropagate through this). `noise` (B·n, *event) may be
-    given instead of drawing ε.
+    given instead of drawing ε. `generator`: one for the batch, or a list of one per row of x.
     """
     check_input("x", x, model)
     check_positive_int("n", n)
     check_positive_int("steps", steps)
     B = x.shape[0]
     check_cond_rows(cond, B, "x")
+    check_generators("generator", generator, B, x.device)
     t = as_time("t", t, B, x)
     if noise is None:
-        noise = torch.randn((B * n, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+        noise = randn_rows((B, n, *x.shape[1:]), x, generator).view(B * n, *x.shape[1:])
     else:
         check_state("noise", noise, x.shape[1:], batch=B * n)
         check_input("noise", noise, model)
@@ -102,20 +144,22 @@ class SampleResult:
 
 
 @torch.no_grad()
-def refine_sample(model, noise: torch.Tensor, steps: int = 1, generator: Optional[torch.Generator] = None,
+def refine_sample(model, noise: torch.Tensor, steps: int = 1, generator: Generators = None,
                   return_result: bool = False, **cond):
     """K-step refinement sampler (K NFE): x = ε; for each grid point s_j, x̂1 = X_{0,1}(ε'; s_j, x), then
-    x = (1 - s_{j+1})·ξ + s_{j+1}·x̂1 with fresh ε', ξ. Grid 0 = s_0 < ... < s_K = 1."""
+    x = (1 - s_{j+1})·ξ + s_{j+1}·x̂1 with fresh ε', ξ. Grid 0 = s_0 < ... < s_K = 1.
+    `generator`: one for the batch, or a list of one per row (each row's ε', ξ then come from its own stream)."""
     check_input("noise", noise, model)
     check_cond_rows(cond, noise.shape[0], "noise")
     check_positive_int("steps", steps)
+    check_generators("generator", generator, noise.shape[0], noise.device)
     x = noise
     grid = time_grid(0.0, steps, x)
     x1 = x
     for j in range(steps):
         x1 = posterior_sample(model, grid[j], x, 1, generator=generator, **cond)[:, 0]
         if j + 1 < steps:
-            xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            xi = randn_rows(x.shape, x, generator)
             x = (1 - grid[j + 1]) * xi + grid[j + 1] * x1
     return SampleResult(x1, steps) if return_result else x1
 

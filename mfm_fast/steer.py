@@ -31,6 +31,7 @@ import torch
 from ._checks import check_cond_rows, check_finite_scalar, check_positive_int, host_checks_allowed
 from .interpolant import time_grid
 from .rewards import CheckedReward, as_reward
+from .sampling import Generators, check_generators, rand_groups, randn_rows
 from .steps import (METHODS, RENORMS, SteerResult, base_drift, bcast_t, check_clamp, check_common, check_steer_args,
                     dps_grad, finish, full_t, guided_drift, make_step, paper_nfe, progress_bar, renormalise,
                     steer_ratio, steer_step)
@@ -91,7 +92,7 @@ def ess(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def _randn(shape, like, generator):
-    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+    return randn_rows(shape, like, generator)
 
 
 def _run_doob(model, reward, x, grid, method, sde, n_particles, generator, progress, step_kw):
@@ -162,7 +163,7 @@ def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, c
         if k + 1 < K:
             lw = log_w.view(G, P)
             do = ess(lw) < ess_threshold * P  # (G,)
-            idx = systematic_resample(lw, torch.rand(G, generator=generator, device=x.device, dtype=x.dtype))
+            idx = systematic_resample(lw, rand_groups(G, x, generator))
             idx = torch.where(do[:, None], idx, torch.arange(P, device=x.device)) + offs
             idx = idx.reshape(-1)
             log_z = log_z + torch.where(do, torch.logsumexp(lw, 1) - math.log(P), torch.zeros_like(log_z))
@@ -172,7 +173,7 @@ def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, c
     lw = log_w.view(G, P)
     log_z = log_z + torch.logsumexp(lw, 1) - math.log(P)
     log_w_norm = (lw - torch.logsumexp(lw, 1, keepdim=True)).reshape(-1)
-    idx = (systematic_resample(lw, torch.rand(G, generator=generator, device=x.device, dtype=x.dtype))
+    idx = (systematic_resample(lw, rand_groups(G, x, generator))
            + offs).reshape(-1)
     return x[idx], x, log_w_norm, log_z, int(n_res)
 
@@ -208,7 +209,7 @@ def _check_population_cond(method, population, cond, B):
 
 def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "mfm-g", n_particles: int = 1,
           lam: float = 1.0, sde: bool = False, renorm: Optional[str] = None, t_start: float = 0.01,
-          generator: Optional[torch.Generator] = None, graph: bool = False, return_result: bool = False, *,
+          generator: Generators = None, graph: bool = False, return_result: bool = False, *,
           renorm_scale: float = 1.0, clamp_ratio: Optional[float] = 25.0, chunk_size: Optional[int] = None,
           search_mode: str = "particle", population: Optional[int] = None, smc_estimator: str = "mfm-g",
           ess_threshold: float = 0.5, progress: Optional[bool] = None, posterior_steps: int = 1, **cond):
@@ -225,6 +226,9 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
     and ∇̂V, resamples systematically when ESS < `ess_threshold`·P, and returns the particles resampled once more
     by their final weights (the weighted ones are in the `SteerResult`).
     `graph=True` runs `mfm_fast.graphs.steer_graphed` on CUDA, falling back to eager with a warning.
+    `generator`: one torch.Generator for the batch, or a list of one per row of `noise`: every random number of
+    row i (particle noise, SDE noise; SMC's resampling uniforms come from the first row of each population) is then
+    drawn from generator[i] alone, so a row's randomness does not depend on the rest of the batch.
     `posterior_steps` = m: the value estimators (MFM-G, MFM-GF, SMC's) draw each one-step sample with the m-step
     composed flow map, m network calls per particle (counted, and in the paper NFE).
     """
@@ -233,6 +237,7 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
     if search_mode not in SEARCH_MODES:
         raise ValueError(f"search_mode must be one of {SEARCH_MODES}, got {search_mode!r}")
     check_cond_rows(cond, noise.shape[0], "noise")
+    check_generators("generator", generator, noise.shape[0], noise.device)
     population = _check_population(population, noise.shape[0])
     if method == "smc" or (method == "search" and search_mode == "global"):
         _check_population_cond(method, population, cond, noise.shape[0])
@@ -245,6 +250,9 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
         raise ValueError(f"ess_threshold must lie in [0, 1], got {ess_threshold}")
     reward = reward if isinstance(reward, CheckedReward) else as_reward(reward)
 
+    if graph and not (generator is None or isinstance(generator, torch.Generator)):
+        warnings.warn("graph=True replays one generator's draws; per-row generators run eagerly", stacklevel=2)
+        graph = False
     if graph:
         kwargs = dict(steps=steps, method=method, n_particles=n_particles, lam=lam, sde=sde, renorm=renorm,
                       t_start=t_start, generator=generator, return_result=return_result, renorm_scale=renorm_scale,
@@ -296,11 +304,13 @@ def _try_graphed(model, reward, noise, kwargs):
 
 
 def best_of_n(model, reward, noise: torch.Tensor, n: int, steps: int = 250, t_start: float = 0.01,
-              sde: bool = False, clamp_ratio: Optional[float] = 25.0, generator: Optional[torch.Generator] = None,
+              sde: bool = False, clamp_ratio: Optional[float] = 25.0, generator: Generators = None,
               return_result: bool = False, progress: Optional[bool] = None, **cond):
     """Best-of-N: for each row of `noise` (B, *event), n base samples (Euler, `steps` steps; the first starts from
-    that row, the other n − 1 from fresh noise), keep the one with the highest reward. Cost K·n + n per sample."""
+    that row, the other n − 1 from fresh noise), keep the one with the highest reward. Cost K·n + n per sample.
+    `generator`: one for the batch, or one per row of `noise` (that row's candidates draw from it)."""
     t_start = check_common(model, noise, steps, t_start)
+    check_generators("generator", generator, noise.shape[0], noise.device)
     check_positive_int("n", n)
     check_clamp(clamp_ratio)
     check_cond_rows(cond, noise.shape[0], "noise")
@@ -312,8 +322,11 @@ def best_of_n(model, reward, noise: torch.Tensor, n: int, steps: int = 250, t_st
     x0 = torch.cat([noise[:, None], _randn((B, n - 1, *ev), noise, generator)], dim=1).reshape(B * n, *ev)
     cond_n = {k: (v.repeat_interleave(n, 0) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B else v)
               for k, v in cond.items()}
+    # per-row generators: a row's n candidates draw, in order, from that row's generator
+    gen_n = generator if generator is None or isinstance(generator, torch.Generator) else \
+        [g for g in generator for _ in range(n)]
     with torch.no_grad():
-        x1 = _run_doob(cmodel, creward, x0, grid, "none", sde, 1, generator, progress,
+        x1 = _run_doob(cmodel, creward, x0, grid, "none", sde, 1, gen_n, progress,
                        dict(lam=1.0, renorm=None, renorm_scale=1.0, clamp_ratio=clamp_ratio, chunk_size=None,
                             cond=cond_n)).view(B, n, *ev)
         r = creward(x1.reshape(B * n, *ev)).view(B, n)

@@ -138,7 +138,7 @@ def test_sample_cli_refuses_cfg_outside_the_table_before_loading_the_vae(tmp_pat
     torch.save({"model": {"model.model.dit." + k: v for k, v in model.state_dict().items()},
                 "config": dataclasses.asdict(model.config)}, tmp_path / "mfm-tiny.pt")
     base = ["sample", "--ckpt", str(tmp_path / "mfm-tiny.pt"), "--vae", str(tmp_path / "no-vae"), "--impl", "torch",
-            "--device", "cpu", "--out", str(tmp_path / "x.png"), "--n", "1", "--steps", "1"]
+            "--device", "cpu", "--out", str(tmp_path / "x"), "--n", "1", "--steps", "1"]
     with pytest.raises(ValueError, match=r"--cfg must be one of .*\(1\.0, 2\.5\), got 7"):
         cli_main([*base, "--cfg", "7"])
     with pytest.raises(ValueError, match="--cfg"):
