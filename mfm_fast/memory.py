@@ -18,12 +18,18 @@ import torch
 
 from ._checks import check_positive_int
 
-# Saved bytes per (token · hidden unit) of one block, measured on the reference path with
-# torch.autograd.graph.saved_tensors_hooks (weights frozen, gradient to the context only): LayerNorm inputs in
-# fp32, q/k/v/out and the GELU pre-activation in the activation dtype. The reference attention additionally keeps
-# its fp32 softmax (and a copy in the activation dtype for half precision): `_ATTN_PROB_BYTES` per head · token².
+# Saved bytes per (token · hidden unit) of one block, measured with torch.autograd.graph.saved_tensors_hooks
+# (weights frozen, gradient to the context only; tests/test_particles.py measures them again), keyed by the
+# activation dtype's size. Reference path: LayerNorm inputs in fp32, q/k/v/out and the GELU pre-activation in the
+# activation dtype; its attention additionally keeps the fp32 softmax (and a copy in the activation dtype for half
+# precision): `_ATTN_PROB_BYTES` per head · token². Fused path (fp32 measured under the Triton interpreter at
+# MFM-T/2, S/2 and XL/2 widths: 40 exactly, plus the attention's fp32 log-sum-exp, 4 bytes per head · token);
+# its half-precision value cannot be measured without a GPU and keeps the reference path's, which the gpu test
+# `test_activation_estimate_covers_measured_gpu_peak` bounds.
 _SAVED_PER_TOKEN_UNIT = {4: 36, 2: 28}
+_FUSED_SAVED_PER_TOKEN_UNIT = {4: 40, 2: 28}
 _ATTN_PROB_BYTES = {4: 4, 2: 6}
+_ATTN_LSE_BYTES = 4
 # Transients of one block on top of what is saved (fc1/GELU outputs and their gradients, fp32 statistics).
 _TRANSIENT_PER_TOKEN_UNIT = 64
 # Below this many tokens per network call the GEMMs of a DiT block lose efficiency; recomputation that allows
@@ -56,6 +62,21 @@ def _uses_reference_attention(model) -> bool:
     return impl == "torch"
 
 
+def saved_bytes_per_block(model, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes one MFMDiT block saves for backward per (state, particle) row in a value-gradient pass."""
+    cfg = _config(model)
+    if cfg is None:
+        raise TypeError(f"cannot estimate activations of {type(model).__name__}: it has no MFMDiT-style config "
+                        "(hidden_size, depth, num_heads, num_tokens)")
+    b = dtype.itemsize
+    key = 4 if b >= 4 else 2
+    wide = max(1, b // 4)  # float64 doubles everything measured in float32
+    L, D, H = cfg.num_tokens, cfg.hidden_size, cfg.num_heads
+    if _uses_reference_attention(model):
+        return wide * (_SAVED_PER_TOKEN_UNIT[key] * L * D + _ATTN_PROB_BYTES[key] * H * L * L)
+    return wide * (_FUSED_SAVED_PER_TOKEN_UNIT[key] * L * D + _ATTN_LSE_BYTES * H * L)
+
+
 def activation_bytes_per_row(model, dtype: torch.dtype = torch.bfloat16, recompute: bool = False) -> int:
     """Estimated peak activation bytes per (state, particle) row of a value-gradient pass through an MFMDiT.
 
@@ -67,12 +88,8 @@ def activation_bytes_per_row(model, dtype: torch.dtype = torch.bfloat16, recompu
         raise TypeError(f"cannot estimate activations of {type(model).__name__}: it has no MFMDiT-style config "
                         "(hidden_size, depth, num_heads, num_tokens)")
     b = dtype.itemsize
-    key = 4 if b >= 4 else 2
-    wide = max(1, b // 4)  # float64 doubles everything measured in float32
     L, D, H, depth = cfg.num_tokens, cfg.hidden_size, cfg.num_heads, cfg.depth
-    block = wide * _SAVED_PER_TOKEN_UNIT[key] * L * D
-    if _uses_reference_attention(model):
-        block += wide * _ATTN_PROB_BYTES[key] * H * L * L
+    block = saved_bytes_per_block(model, dtype)
     transient = _TRANSIENT_PER_TOKEN_UNIT * L * D + (3 * 4 * H * L * L if _uses_reference_attention(model) else 0)
     io = 4 * L * D * 4  # patch embeddings, output image and their gradients
     if recompute:
