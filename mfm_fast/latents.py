@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ._checks import check_positive_int, check_state
+from ._torchvision import ensure_torchvision
 
 SCALE = 0.18215  # SD-VAE (stabilityai/sd-vae-ft-mse) latent scaling factor
 SHARD_FORMAT = "mfm_fast-latents"
@@ -175,6 +176,7 @@ SD_VAE_CONFIG = {
 def build_vae(config: Optional[dict] = None, device="cpu", dtype: Optional[torch.dtype] = None, seed: int = 0):
     """A randomly initialised, frozen AutoencoderKL from a config (default SD_VAE_CONFIG): the real architecture
     without its weights, for tests, dry runs and memory measurements (device="meta" allocates nothing)."""
+    ensure_torchvision()  # diffusers imports transformers, which imports torchvision when it is installed
     try:
         from diffusers import AutoencoderKL
     except ImportError as err:
@@ -195,6 +197,7 @@ def build_vae(config: Optional[dict] = None, device="cpu", dtype: Optional[torch
 
 def load_vae(path, device="cpu", dtype: Optional[torch.dtype] = None):
     """diffusers AutoencoderKL from a LOCAL directory (e.g. a copy of stabilityai/sd-vae-ft-mse); no download."""
+    ensure_torchvision()  # diffusers imports transformers, which imports torchvision when it is installed
     try:
         from diffusers import AutoencoderKL
     except ImportError as err:

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -42,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import check_positive_int, check_state
+from ._torchvision import ensure_torchvision
 
 DEFAULT_TEMPLATE = "A high-quality, high-resolution photograph of a {class}"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -166,37 +165,6 @@ def _require_path(value, arg: str, what: str, hint: str, directory: Optional[boo
         kind = "path" if directory is None else ("directory" if directory else "file")
         raise FileNotFoundError(f"{what}: {arg} {kind} not found: {path} (expected {hint})")
     return str(path)
-
-
-# ---------------------------------------------------------------------------------------------- torchvision
-_TORCHVISION_SCHEMAS = None  # keeps the schema declarations below alive
-
-
-def ensure_torchvision() -> None:
-    """Make `import torchvision` succeed beside a CPU-only torch (open_clip and imscore import it).
-
-    PyPI's torchvision wheels for x86_64 link their C++ ops against the CUDA build of torch. Beside the CPU build
-    that library does not load, which torchvision tolerates, except for two fake-kernel registrations (nms, qnms)
-    that then fail with "operator torchvision::nms does not exist". Declaring those two schemas lets the import
-    finish. The reward libraries use only torchvision's Python transforms, which then work unchanged; its C++ ops
-    (nms, roi_align, ...) still raise torchvision's own "Couldn't load custom C++ ops" error if called.
-    Does nothing when torchvision is absent, already imported, or imports by itself."""
-    global _TORCHVISION_SCHEMAS
-    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is None:
-        return
-    try:
-        importlib.import_module("torchvision")
-        return
-    except RuntimeError as err:
-        if "torchvision::nms" not in str(err):
-            raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]  # the failed import left its submodules behind
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    for op in ("nms", "qnms"):
-        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _TORCHVISION_SCHEMAS = lib
-    importlib.import_module("torchvision")
 
 
 @contextlib.contextmanager

@@ -13,8 +13,8 @@ fi
 EXTRAS=${1:-dev}
 CHECK="import mfm_fast, einops, safetensors, tqdm, matplotlib, pytest, sklearn, hypothesis, pytest_benchmark, diffusers"
 case ",${EXTRAS}," in
-  # torchvision is imported through mfm_fast's guard: PyPI's wheel needs it beside a CPU torch (reward_models)
-  *,rewards,*) CHECK="${CHECK}; from mfm_fast.reward_models import ensure_torchvision; ensure_torchvision(); \
+  # torchvision is imported through mfm_fast's guard, which PyPI's wheel needs beside a CPU torch (_torchvision.py)
+  *,rewards,*) CHECK="${CHECK}; from mfm_fast._torchvision import ensure_torchvision; ensure_torchvision(); \
 import torchvision, transformers, open_clip, imscore" ;;
 esac
 # reinstall when a dependency is missing or `mfm_fast` resolves to another checkout than this one

@@ -5,6 +5,10 @@ built locally (open_clip's bundled CLIP BPE, a small BERT WordPiece vocabulary).
 library's own scoring call on the same model, and its image gradient with central finite differences in float64.
 """
 import functools
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,6 +32,25 @@ def fd_check(score, images, eps=1e-6):
         fd = (score(x + eps * v).sum() - score(x - eps * v).sum()) / (2 * eps)
     assert grad.abs().sum() > 0
     torch.testing.assert_close((grad * v).sum(), fd, rtol=1e-5, atol=1e-8)
+
+
+def test_torchvision_imports_and_its_transforms_run_in_a_fresh_interpreter():
+    """PyPI's torchvision beside a CPU torch: after ensure_torchvision its Python transforms (all the reward
+    libraries use) run, and the C++ ops it could not load fail with torchvision's own error."""
+    code = ("import torch; from mfm_fast._torchvision import ensure_torchvision; ensure_torchvision(); "
+            "import torchvision.transforms.functional as TF, diffusers, transformers, open_clip, imscore; "
+            "x = torch.rand(1, 3, 8, 12); y = TF.resize(x, [4, 6], antialias=True); "
+            "z = torch.nn.functional.interpolate(x, size=(4, 6), mode='bilinear', antialias=True); "
+            "assert torch.allclose(y, z, atol=1e-6), (y - z).abs().max()\n"
+            "import torchvision.ops\n"
+            "if not torchvision.extension._has_ops():\n"
+            "    try: torchvision.ops.nms(torch.rand(2, 4), torch.rand(2), 0.5)\n"
+            "    except RuntimeError as e: assert 'custom C++ ops' in str(e)\n"
+            "    else: raise AssertionError('nms ran without its C++ library')\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------- tokenizers
