@@ -42,6 +42,10 @@ _EXPORTS = {
     "decode_latents": "mfm_fast.latents",
     "save_image_grid": "mfm_fast.latents",
     "get_reward_model": "mfm_fast.reward_models",
+    "build_scorers": "mfm_fast.reward_models",
+    "score_images": "mfm_fast.reward_models",
+    "LatentDecoder": "mfm_fast.latents",
+    "build_vae": "mfm_fast.latents",
     "auto_chunk_size": "mfm_fast.memory",
     "GraphCaptureError": "mfm_fast.graphs",
 }
