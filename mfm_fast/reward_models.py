@@ -465,7 +465,7 @@ def build_scorers(specs, device="cpu") -> dict[str, RewardModel]:
     scorers = {}
     for name, kwargs in specs.items():
         kwargs = dict(kwargs or {})
-        if name in REWARD_MODELS and name != "toy":
+        if name in REWARD_MODELS:
             kwargs.setdefault("device", device)
         scorers[name] = get_reward_model(name, **kwargs)
     return scorers
