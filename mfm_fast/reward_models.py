@@ -11,6 +11,7 @@ steering strength λ means the same thing here and there:
 - imagereward: `imscore.imreward.model.ImageReward` and its own `score` (BLIP; standardised score).
 - pickscore: transformers CLIP ViT-H-14, logit_scale · cosine, the release's torch preprocessing (no antialias).
 - clip: transformers CLIP ViT-B/16, cosine clamped at 0, same preprocessing.
+- aesthetic: `imscore.aesthetic.model.LAIONAestheticScorer` and its own `score` (not used by the release).
 Every adapter also wraps an in-memory model (e.g. `PickScoreModel(model, processor, device)`).
 
 The factories load LOCAL files only; nothing is downloaded, and a missing package or file raises an error naming
@@ -21,6 +22,8 @@ what to install or which argument and path is wrong (`pip install 'mfm_fast[rewa
 - pickscore: weights = a copy of yuvalkirstain/PickScore_v1; processor = a copy of
   laion/CLIP-ViT-H-14-laion2B-s32B-b79K (tokenizer files suffice).
 - clip: weights = a copy of openai/clip-vit-base-patch16 (processor defaults to the same directory).
+- aesthetic (LAION aesthetic v2, not a release reward): weights = a copy of RE-N-Y/laion-aesthetic;
+  clip_config = openai/clip-vit-large-patch14's config.json.
 
 Scoring several rewards at once (e.g. every sample of a run under every configured reward): `build_scorers` and
 `score_images`. Prompts: `class_prompts(labels)` fills DEFAULT_TEMPLATE with the ImageNet class names shipped in
@@ -310,6 +313,38 @@ def hpsv2_reward(weights=None, device="cpu") -> HPSv2Model:
     return HPSv2Model(model, device)
 
 
+class AestheticModel(ImscoreReward):
+    """LAION aesthetic predictor v2: an MLP on normalised CLIP ViT-L/14 image embeddings,
+    `imscore.aesthetic.model.LAIONAestheticScorer` (weights RE-N-Y/laion-aesthetic); prompts are ignored.
+    Not one of the release's rewards: an extra differentiable scorer."""
+
+    name = "aesthetic"
+
+
+def aesthetic_reward(weights=None, clip_config=None, device="cpu") -> AestheticModel:
+    """LAION aesthetic from local files: weights = a copy of RE-N-Y/laion-aesthetic (directory with
+    model.safetensors, or the file; it holds the CLIP tower too), clip_config = the config.json of
+    openai/clip-vit-large-patch14 (or its directory), from which imscore's CLIP tower is built instead of downloaded."""
+    weights = _require_path(weights, "weights", "aesthetic",
+                            "a local copy of RE-N-Y/laion-aesthetic (model.safetensors)", directory=None)
+    clip_config = _require_path(clip_config, "clip_config", "aesthetic",
+                                "config.json of openai/clip-vit-large-patch14", directory=None)
+    lib = _require("imscore.aesthetic.model", "imscore", "aesthetic")
+    path = _weights_file(weights, "aesthetic", "a local copy of RE-N-Y/laion-aesthetic")
+    tower = lib.CLIPVisionModelWithProjection
+
+    class ConfiguredTower:  # imscore loads the pretrained tower from the hub; its weights are in `weights` anyway
+        @staticmethod
+        def from_pretrained(*_args, **_kwargs):
+            return tower(tower.config_class.from_pretrained(clip_config, local_files_only=True))
+
+    with _patched(lib, "CLIPVisionModelWithProjection", ConfiguredTower):
+        model = lib.LAIONAestheticScorer()
+    _load_state(model, path, "aesthetic")
+    model.to(device).eval().requires_grad_(False)
+    return AestheticModel(model, device)
+
+
 class PickScoreModel(RewardModel):
     """PickScore_v1: logit_scale · cos(image, text) of a fine-tuned CLIP ViT-H-14 (transformers), with the release's
     preprocessing: bicubic resize of the short side to 224 WITHOUT antialiasing, centre crop, CLIP normalisation.
@@ -407,6 +442,7 @@ REWARD_MODELS: dict[str, Callable[..., RewardModel]] = {
     "hpsv2": hpsv2_reward,
     "pickscore": pickscore_reward,
     "clip": clip_reward,
+    "aesthetic": aesthetic_reward,
     "toy": toy_reward,
 }
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mfm_fast.reward_models import (CLIPScoreModel, HPSv2Model, ImageRewardModel, PickScoreModel, _require,
-                                    blip_tokenizer_loader, build_scorers, clip_reward, clip_preprocess, hpsv2_reward, image_reward,
-                                    parse_reward_spec, pickscore_reward, score_images)
+from mfm_fast.reward_models import (AestheticModel, CLIPScoreModel, HPSv2Model, ImageRewardModel, PickScoreModel,
+                                    _require, aesthetic_reward, blip_tokenizer_loader, build_scorers, clip_preprocess,
+                                    clip_reward, hpsv2_reward, image_reward, parse_reward_spec, pickscore_reward,
+                                    score_images)
 
 PROMPTS = ["A high-quality, high-resolution photograph of a tabby cat.", "a photo of a golden retriever"]
 BERT_WORDS = ["a", "high", "-", "quality", ",", "resolution", "photograph", "of", "tabby", "cat", ".", "photo",
@@ -292,6 +293,38 @@ def test_imagereward_factory_loads_local_files(tmp_path, tiny_imagereward, bert_
         image_reward(weights=tmp_path, tokenizer=tmp_path / "absent")
     with pytest.raises(TypeError, match="med_config"):
         image_reward(weights=tmp_path, tokenizer=bert_tokenizer_dir, med_config="med_config.json")
+
+
+# ---------------------------------------------------------------------------------------------- imscore aesthetic
+def test_laion_aesthetic_matches_imscore_score_and_loads_locally(tmp_path, monkeypatch):
+    """imscore's LAIONAestheticScorer with a small CLIP vision tower (its MLP head fixes the projection at 768)
+    in place of the hub's ViT-L/14; saved, then loaded back through the factory from local files."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    lib = _require("imscore.aesthetic.model", "imscore", "test")
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=224, patch_size=32, projection_dim=768)
+    config.save_pretrained(tmp_path / "clip")
+
+    class SmallTower:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            return CLIPVisionModelWithProjection(config)
+
+    with monkeypatch.context() as m:
+        m.setattr(lib, "CLIPVisionModelWithProjection", SmallTower)
+        torch.manual_seed(5)
+        lib_model = lib.LAIONAestheticScorer().eval()
+    (tmp_path / "aesthetic").mkdir()
+    save_file(lib_model.state_dict(), tmp_path / "aesthetic" / "model.safetensors")
+    adapter = aesthetic_reward(weights=tmp_path / "aesthetic", clip_config=tmp_path / "clip")
+    images = torch.rand(3, 3, 20, 26)
+    want = lib_model.score(images)
+    torch.testing.assert_close(adapter(images, "prompts are ignored"), want)
+    assert want.std() > 0
+    fd_check(lambda x: AestheticModel(lib_model.double())(x, ""), torch.rand(2, 3, 9, 7))
+    with pytest.raises(FileNotFoundError, match="clip_config path not found"):
+        aesthetic_reward(weights=tmp_path / "aesthetic", clip_config=tmp_path / "absent")
 
 
 # ---------------------------------------------------------------------------------------------- scoring API

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mfm_fast.imagenet_classes import IMAGENET_CLASSES
-from mfm_fast.reward_models import (DEFAULT_TEMPLATE, PromptedReward, RewardModel, ToyClipReward, class_names,
+from mfm_fast.reward_models import (DEFAULT_TEMPLATE, PromptedReward, RewardModel, ToyClipReward, aesthetic_reward,
+                                    class_names,
                                     class_prompts, clip_preprocess, clip_reward, expand_prompts, get_reward_model,
                                     hpsv2_reward, image_reward, pickscore_reward, reward_for_class)
 from mfm_fast.rewards import DecodeThenScore, as_reward
@@ -97,6 +98,7 @@ def test_decode_then_score_pipeline_is_differentiable():
     (hpsv2_reward, {"weights": "dir"}, "imscore.hps.model", "imscore"),
     (pickscore_reward, {"weights": "dir", "processor": "dir"}, "transformers", "transformers"),
     (clip_reward, {"weights": "dir"}, "transformers", "transformers"),
+    (aesthetic_reward, {"weights": "file", "clip_config": "file"}, "imscore.aesthetic.model", "imscore"),
 ])
 def test_real_models_say_what_is_missing(tmp_path, monkeypatch, factory, kwargs, module, pip_name):
     with pytest.raises(ValueError, match="weights="):
