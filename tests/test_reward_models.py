@@ -6,9 +6,8 @@ import torch
 
 from mfm_fast.imagenet_classes import IMAGENET_CLASSES
 from mfm_fast.reward_models import (DEFAULT_TEMPLATE, PromptedReward, RewardModel, ToyClipReward, aesthetic_reward,
-                                    class_names,
-                                    class_prompts, clip_preprocess, clip_reward, expand_prompts, get_reward_model,
-                                    hpsv2_reward, image_reward, pickscore_reward, reward_for_class)
+                                    class_names, class_prompts, clip_preprocess, clip_reward, expand_prompts,
+                                    get_reward_model, hpsv2_reward, image_reward, pickscore_reward, reward_for_class)
 from mfm_fast.rewards import DecodeThenScore, as_reward
 
 
