@@ -2,7 +2,7 @@ PY ?= python3
 
 .PHONY: install demo test test-gpu bench check-triton
 install:
-	PYTHON=$(PY) bash scripts/install.sh dev
+	PYTHON=$(PY) bash scripts/install.sh dev,rewards
 
 # README command 1: the main job
 demo: install
@@ -16,7 +16,7 @@ test-gpu: install
 	$(PY) -m pytest tests -m gpu -q
 
 bench:
-	PYTHON=$(PY) bash scripts/install.sh dev,bench
+	PYTHON=$(PY) bash scripts/install.sh dev,rewards,bench
 	$(PY) -m pytest benchmarks --benchmark-only
 
 # the no-GPU kernel checks (interpreter tier + sm_90 compile) against another triton, default the GPU image's 3.6.0

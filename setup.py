@@ -23,6 +23,9 @@ setup(
         "dev": ["pytest>=7", "hypothesis", "pytest-benchmark", "scikit-learn", "scipy", "diffusers>=0.25"],
         "bench": ["pytest-benchmark", "nvidia-ml-py"],
         "latent": ["diffusers>=0.25"],
+        # the release's reward libraries on a current stack; torchvision must match the installed torch
+        # (scripts/install.sh pins torch while installing, so this extra never swaps the torch build)
+        "rewards": ["transformers>=5", "open_clip_torch>=3", "imscore>=0.0.11", "torchvision", "diffusers>=0.25"],
         "flash": ["flash-attn>=2.5"],
         "xformers": ["xformers"],
     },

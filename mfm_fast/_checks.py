@@ -31,8 +31,9 @@ def as_time(name: str, t, batch: int, like: torch.Tensor) -> torch.Tensor:
 def host_checks_allowed(t: torch.Tensor) -> bool:
     """Data-dependent checks read values back to the host: skip them while compiling, inside torch.func transforms
     and during CUDA-graph capture (where a host read is illegal); the eager call has validated the same inputs.
-    Meta tensors (shape-only runs) have no values to check."""
-    if t.is_meta or torch.compiler.is_compiling() or _in_functorch(t):
+    Meta and fake tensors (shape-only runs, e.g. memory measurements) have no values to check."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    if t.is_meta or isinstance(t, FakeTensor) or torch.compiler.is_compiling() or _in_functorch(t):
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ._checks import check_positive_int, check_state
+from ._torchvision import ensure_torchvision
 
 SCALE = 0.18215  # SD-VAE (stabilityai/sd-vae-ft-mse) latent scaling factor
 SHARD_FORMAT = "mfm_fast-latents"
@@ -156,8 +157,47 @@ def _shard_len(path: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- VAE
+# diffusers AutoencoderKL config of stabilityai/sd-vae-ft-mse, the release's decoder (scaling_factor 0.18215)
+SD_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 256,
+    "scaling_factor": SCALE,
+}
+
+
+def build_vae(config: Optional[dict] = None, device="cpu", dtype: Optional[torch.dtype] = None, seed: int = 0):
+    """A randomly initialised, frozen AutoencoderKL from a config (default SD_VAE_CONFIG): the real architecture
+    without its weights, for tests, dry runs and memory measurements (device="meta" allocates nothing)."""
+    ensure_torchvision()  # diffusers imports transformers, which imports torchvision when it is installed
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as err:
+        raise ImportError("the SD-VAE needs diffusers: pip install 'mfm_fast[latent]' (or pip install diffusers)"
+                          ) from err
+    config = dict(SD_VAE_CONFIG if config is None else config)
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            vae = AutoencoderKL(**config)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = AutoencoderKL(**config)
+    vae = vae.to(device=device) if dtype is None else vae.to(device=device, dtype=dtype)
+    vae.eval().requires_grad_(False)
+    return vae
+
+
 def load_vae(path, device="cpu", dtype: Optional[torch.dtype] = None):
     """diffusers AutoencoderKL from a LOCAL directory (e.g. a copy of stabilityai/sd-vae-ft-mse); no download."""
+    ensure_torchvision()  # diffusers imports transformers, which imports torchvision when it is installed
     try:
         from diffusers import AutoencoderKL
     except ImportError as err:
@@ -183,15 +223,29 @@ def encode_images(vae, images: torch.Tensor, scale: float = SCALE, sample: bool 
     return z * scale
 
 
-def decode_latents(vae, z: torch.Tensor, scale: float = SCALE) -> torch.Tensor:
-    """Scaled latents (B, C, h, w) -> images in [0, 1] (B, 3, H, W): decode(z / scale), then (x + 1) / 2, clamped.
-
-    Differentiable in z (rewards backpropagate through it)."""
+def decode_latents(vae, z: torch.Tensor, scale: float = SCALE, bias: float = 0.0) -> torch.Tensor:
+    """Scaled latents (B, C, h, w) or particles (B, N, C, h, w) -> images in [0, 1] (B[, N], 3, H, W), as in the
+    release: decode((z - bias) / scale), then (x + 1) / 2, clamped. Differentiable in z (rewards backpropagate
+    through it)."""
     check_state("z", z)
-    if z.dim() != 4:
-        raise ValueError(f"z must have shape (B, C, h, w), got {tuple(z.shape)}")
-    x = vae.decode((z / scale).to(dtype=vae.dtype)).sample
-    return ((x.float() + 1) / 2).clamp(0, 1)
+    if z.dim() not in (4, 5):
+        raise ValueError(f"z must have shape (B, C, h, w) or (B, N, C, h, w), got {tuple(z.shape)}")
+    lead = z.shape[:-3]
+    flat = z.reshape(-1, *z.shape[-3:])  # particles are folded into the batch for the decoder
+    x = vae.decode(((flat - bias) / scale).to(dtype=vae.dtype)).sample
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision out as float32, float64 kept
+    return ((x + 1) / 2).clamp(0, 1).reshape(*lead, *x.shape[1:])
+
+
+class LatentDecoder(torch.nn.Module):
+    """`decode_latents` as a module (frozen VAE, scale, bias): the decoder of `rewards.DecodeThenScore`."""
+
+    def __init__(self, vae, scale: float = SCALE, bias: float = 0.0):
+        super().__init__()
+        self.vae, self.scale, self.bias = vae, float(scale), float(bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.vae, z, self.scale, self.bias)
 
 
 def save_image_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2) -> None:

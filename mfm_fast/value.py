@@ -242,7 +242,7 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     recompute = False
     if isinstance(chunk_size, str) and chunk_size == "auto":  # the rows that fit the free device memory
         from .memory import plan_chunks
-        plan = plan_chunks(model, B, N, x.dtype, x.device)
+        plan = plan_chunks(model, B, N, x.dtype, x.device, reward=reward)
         chunk_size, recompute = plan.chunk_size, plan.recompute
     chunk_size = check_chunk_size(chunk_size)
     if noise is None:

@@ -11,6 +11,11 @@ if shutil.which("nvidia-smi") is None and "TRITON_INTERPRET" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from mfm_fast._torchvision import ensure_torchvision  # noqa: E402
+
+# test modules import diffusers/transformers directly; with PyPI's torchvision beside a CPU torch they need this first
+ensure_torchvision()
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

@@ -7,8 +7,10 @@ import torch
 from PIL import Image
 
 from mfm_fast.__main__ import main as cli_main
-from mfm_fast.latents import (SCALE, LatentShards, center_crop, decode_latents, list_shards, load_vae,
-                              read_shard, save_image_grid, write_shard)
+from mfm_fast.latents import (SCALE, SD_VAE_CONFIG, LatentDecoder, LatentShards, build_vae, center_crop,
+                              decode_latents, list_shards, load_vae, read_shard, save_image_grid, write_shard)
+from mfm_fast.reward_models import ToyClipReward
+from mfm_fast.rewards import DecodeThenScore
 
 
 def make_tiny_vae(path):
@@ -159,6 +161,49 @@ def test_decode_latents_shape_range_scale_and_gradient(tiny_vae_dir):
     assert z.grad is not None and z.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="z must have shape"):
         decode_latents(vae, torch.randn(4, 8, 8))
+
+
+TINY_SD_VAE = {**SD_VAE_CONFIG, "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4}
+
+
+def test_decoder_folds_particles_applies_scale_and_bias():
+    vae = build_vae(TINY_SD_VAE, seed=1)
+    decoder = LatentDecoder(vae, bias=0.3)
+    z = torch.randn(2, 3, 4, 4, 4)  # (B, N, C, h, w) particles
+    img = decoder(z)
+    assert img.shape == (2, 3, 3, 32, 32)  # three 2x up-samplings: 4 -> 32 pixels
+    with torch.no_grad():
+        raw = vae.decode((z[1, 2:3] - 0.3) / SCALE).sample
+    torch.testing.assert_close(img[1, 2:3], ((raw + 1) / 2).clamp(0, 1))
+    assert (img - LatentDecoder(vae)(z)).abs().max() > 1e-4  # the bias is used
+
+
+def test_decoder_gradient_reaches_the_latents():
+    vae = build_vae(TINY_SD_VAE, dtype=torch.float64, seed=2)
+    reward = DecodeThenScore(LatentDecoder(vae), lambda x: (x - 0.5).pow(2).flatten(1).sum(-1))
+    z = 0.1 * torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    zr = z.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(reward(zr).sum(), zr)
+    v, eps = torch.randn_like(z), 1e-6
+    with torch.no_grad():
+        fd = (reward(z + eps * v).sum() - reward(z - eps * v).sum()) / (2 * eps)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close((grad * v).sum(), fd, rtol=1e-5, atol=1e-8)
+    # and through an image reward adapter, the steering reward's shape
+    zr = z.float().requires_grad_(True)
+    DecodeThenScore(LatentDecoder(build_vae(TINY_SD_VAE)), ToyClipReward().with_prompt("a cat"))(zr).sum().backward()
+    assert zr.grad.abs().sum() > 0
+
+
+def test_real_sd_vae_config_decodes_32x32_latents():
+    """The release's decoder architecture (stabilityai/sd-vae-ft-mse) with random weights: 32x32 latents become
+    256x256 images in [0, 1]."""
+    vae = build_vae()
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # the published sd-vae-ft-mse's size
+    assert vae.config.scaling_factor == SCALE and not any(p.requires_grad for p in vae.parameters())
+    with torch.inference_mode():
+        img = LatentDecoder(vae)(torch.randn(1, 4, 32, 32))
+    assert img.shape == (1, 3, 256, 256) and 0 <= img.min() and img.max() <= 1 and img.std() > 0
 
 
 def test_save_image_grid_layout(tmp_path):

@@ -121,6 +121,43 @@ def test_gradients_without_parameter_grads_and_with_many_rows_per_program(monkey
         torch.testing.assert_close(a, w, **TOL)
 
 
+def saved_storages(fn, *args):
+    """Run fn under saved_tensors_hooks: the outputs and the storage addresses of every tensor saved for backward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, saved
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("op, ref, n_ins", [(gate_residual_ln_modulate, gate_residual_ln_modulate_ref, 5),
+                                            (gate_residual, gate_residual_ref, 3)], ids=["ln_modulate", "plain"])
+@pytest.mark.parametrize("gate_grad", [False, True], ids=["frozen_gate", "gate_grad"])
+def test_branch_is_saved_only_when_the_gate_needs_its_gradient(op, ref, n_ins, gate_grad):
+    """A value gradient asks for gradients of the stream, not of the (frozen) gate: branch, an (R, L, D)
+    activation per block, is then not kept for backward, and every gradient asked for is still right."""
+    ins = make_inputs(2, 3, 5, 300)[:n_ins]
+    ins[0].requires_grad_(), ins[1].requires_grad_()  # x and branch: activations in a value gradient
+    ins[2].requires_grad_(gate_grad)
+    with poisoned_outputs():
+        outs, saved = saved_storages(op, *ins)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        branch_kept = ins[1].untyped_storage().data_ptr() in saved
+        assert branch_kept == gate_grad, saved
+        assert len(saved) == (3 if n_ins == 5 else 1) + gate_grad  # (x_new, scale,) gate [, branch]
+        refs = ref(*ins)
+        refs = refs if isinstance(refs, tuple) else (refs,)
+        wrt = tuple(t for t in ins if t.requires_grad)
+        up = [torch.randn_like(o) for o in outs]
+        for g, w in zip(torch.autograd.grad(outs, wrt, up), torch.autograd.grad(refs, wrt, up)):
+            torch.testing.assert_close(g, w, **TOL)
+
+
 @pytest.mark.interpret
 def test_registered_ops_carry_the_backward_that_torch_compile_uses():
     ins = tuple(t.requires_grad_() for t in make_inputs(2, 3, 5, 300))

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from mfm_fast.imagenet_classes import IMAGENET_CLASSES
-from mfm_fast.reward_models import (DEFAULT_TEMPLATE, PromptedReward, RewardModel, ToyClipReward, class_names,
-                                    class_prompts, clip_preprocess, expand_prompts, get_reward_model, hpsv2_reward,
-                                    image_reward, pickscore_reward, reward_for_class)
+from mfm_fast.reward_models import (DEFAULT_TEMPLATE, PromptedReward, RewardModel, ToyClipReward, aesthetic_reward,
+                                    class_names, class_prompts, clip_preprocess, clip_reward, expand_prompts,
+                                    get_reward_model, hpsv2_reward, image_reward, pickscore_reward, reward_for_class)
 from mfm_fast.rewards import DecodeThenScore, as_reward
 
 
@@ -93,9 +93,11 @@ def test_decode_then_score_pipeline_is_differentiable():
 
 
 @pytest.mark.parametrize("factory, kwargs, module, pip_name", [
-    (image_reward, {"weights": "file", "med_config": "file"}, "ImageReward", "image-reward"),
-    (hpsv2_reward, {"weights": "file"}, "open_clip", "open_clip_torch"),
+    (image_reward, {"weights": "file", "tokenizer": "dir"}, "imscore.imreward.model", "imscore"),
+    (hpsv2_reward, {"weights": "dir"}, "imscore.hps.model", "imscore"),
     (pickscore_reward, {"weights": "dir", "processor": "dir"}, "transformers", "transformers"),
+    (clip_reward, {"weights": "dir"}, "transformers", "transformers"),
+    (aesthetic_reward, {"weights": "file", "clip_config": "file"}, "imscore.aesthetic.model", "imscore"),
 ])
 def test_real_models_say_what_is_missing(tmp_path, monkeypatch, factory, kwargs, module, pip_name):
     with pytest.raises(ValueError, match="weights="):

@@ -117,6 +117,23 @@ differentiable_by_recompute(_gate_residual_jvp, _tangents_ref)
 
 
 # ---------------------------------------------------------------------------------------------- autograd
+def _save_branch_if_needed(ctx, branch, gate, *others) -> None:
+    """Save (branch, gate, *others) for backward, branch only when the gate's gradient is asked for: it enters
+    the backward through dgate = Σ d·branch alone, and a value gradient (frozen weights) never asks for it, so
+    one (R, L, D) activation per block is not kept. save_for_forward holds no memory after the forward."""
+    ctx.branch_meta = (branch.shape, branch.dtype, branch.device)
+    ctx.save_for_backward(branch if ctx.needs_input_grad[2] else None, gate, *others)
+
+
+def _branch_or_stand_in(ctx, branch):
+    """The saved branch, or a stand-in with its shape and dtype that occupies no memory (the kernel reads branch
+    only under GATE_GRAD, and the launch needs its shape and dtype)."""
+    if branch is not None:
+        return branch
+    shape, dtype, device = ctx.branch_meta
+    return torch.empty((), dtype=dtype, device=device).expand(shape)
+
+
 class GateResidual(torch.autograd.Function):
     """x_new = x + gate·branch with per-group gate; backward and jvp by fused kernels."""
 
@@ -128,13 +145,14 @@ class GateResidual(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, branch, gate = inputs
         ctx.x_dtype = x.dtype
-        ctx.save_for_backward(branch, gate)
+        _save_branch_if_needed(ctx, branch, gate)
         ctx.save_for_forward(branch, gate)
 
     @staticmethod
     def backward(ctx, dxo):
         branch, gate = ctx.saved_tensors
         need = ctx.needs_input_grad
+        branch = _branch_or_stand_in(ctx, branch)
         _, dbranch, dgate, _, _ = _gate_residual_bwd(branch, branch, gate, None, dxo.contiguous(), None, 0.0,
                                                      need[2], False)
         return dxo.to(ctx.x_dtype), dbranch, (dgate if need[2] else None)
@@ -157,15 +175,16 @@ class GateResidualLnModulate(torch.autograd.Function):
         x, branch, gate, shift, scale, eps = inputs
         ctx.eps, ctx.x_dtype = eps, x.dtype
         ctx.set_materialize_grads(False)  # an unused output costs no gradient pass
-        ctx.save_for_backward(output[0], branch, gate, scale)
+        _save_branch_if_needed(ctx, branch, gate, output[0], scale)
         ctx.save_for_forward(output[0], branch, gate, scale)
 
     @staticmethod
     def backward(ctx, dxo, dy):
-        x_new, branch, gate, scale = ctx.saved_tensors
+        branch, gate, x_new, scale = ctx.saved_tensors
         need = ctx.needs_input_grad
         if dxo is None and dy is None:
             return None, None, None, None, None, None
+        branch = _branch_or_stand_in(ctx, branch)
         dx, dbranch, dgate, dshift, dscale = _gate_residual_bwd(
             x_new, branch, gate, scale, None if dxo is None else dxo.contiguous(),
             None if dy is None else dy.contiguous(), ctx.eps, need[2], need[3] or need[4])
