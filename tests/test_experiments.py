@@ -170,6 +170,7 @@ def test_experiment_digits_quick(tmp_path, monkeypatch):
     assert all(float(r["TV K=1"]) >= 0 and float(r["TV floor (ref vs ref)"]) >= 0 for r in post)
     with open(tmp_path / "digits_cost.csv") as f:
         claim = list(csv.DictReader(f))
-    # the release's settings: single-particle MFM-G at λ = 1, 2.5, 5
-    assert {float(r["λ"]) for r in claim if r["method"] == "MFM-G N=1"} == {1.0, 2.5, 5.0}
+    # the release's settings: single-particle MFM-G at λ = 1, 2.5, 5 with renorm "rescale"; the exact tilt without
+    assert {float(r["λ"]) for r in claim if r["method"] == "MFM-G N=1" and r["renorm"] == "rescale"} == {1.0, 2.5, 5.0}
+    assert {float(r["λ"]) for r in claim if r["method"] == "MFM-G N=1" and r["renorm"] == "none"} == {1.0}
     assert (tmp_path / "cache").is_dir() and any((tmp_path / "cache").glob("digits_mfm_*.teacher.pt"))
