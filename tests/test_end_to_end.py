@@ -11,8 +11,11 @@ size. rewards.json is checked against scores recomputed with independently built
 images (before uint8 quantisation), whose uint8 form must equal samples.npz byte for byte."""
 import dataclasses
 import functools
+import inspect
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +30,8 @@ from mfm_fast.latents import decode_latents, load_vae
 from mfm_fast.models.checkpoints import load_official_mfm
 from mfm_fast.models.dit import MFMDiT
 from mfm_fast.parallel_sample import refine_shard, sample_generator, steer_shard
-from mfm_fast.reward_models import (_require, blip_tokenizer_loader, class_prompts, clip_reward, hpsv2_reward,
-                                    image_reward, pickscore_reward, score_images)
+from mfm_fast.reward_models import (REWARD_MODELS, _require, blip_tokenizer_loader, class_prompts, clip_reward,
+                                    hpsv2_reward, image_reward, parse_reward_spec, pickscore_reward, score_images)
 from mfm_fast.rewards import DecodeThenScore
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout under test, wherever it is
@@ -268,3 +271,26 @@ def test_bad_scorer_specs_and_missing_files_are_named(files, tmp_path):
                   f"clip,weights={files / 'pickscore'},processor={files / 'clip-h14-processor'}"])
     with pytest.raises(SystemExit):  # the ImageReward.pt-era option is gone
         cli_main(["steer", *base, "--reward-config", "med_config.json"])
+
+
+# ---------------------------------------------------------------------------------------------- README
+def test_the_readme_release_command_parses_with_the_files_each_reward_needs():
+    """The real-weights command of the README's reward section parses with `steer`'s parser, and every spec names
+    its factory's required files and nothing the factory does not take."""
+    from mfm_fast.cli import steer_parser
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Reward models for image steering"):]
+    section = re.sub(r"\\\n\s*", "", section[:section.index("\n## ", 1)])  # join continued lines
+    commands = [shlex.split(line) for line in section.splitlines() if line.startswith("python -m mfm_fast steer ")]
+    assert len(commands) == 1
+    args = steer_parser().parse_args(commands[0][4:])
+    required = {"hpsv2": {"weights"}, "imagereward": {"weights", "tokenizer"}, "pickscore": {"weights", "processor"},
+                "clip": {"weights"}}
+    specs = dict(parse_reward_spec(s) for s in [args.reward, *args.score_with])
+    assert set(specs) == set(required) and len(args.score_with) == 4
+    for name, kwargs in specs.items():
+        accepted = set(inspect.signature(REWARD_MODELS[name]).parameters) - {"device", "med_config"}
+        assert required[name] <= set(kwargs) <= accepted, name
+    assert class_prompts([281], args.prompt_template) == \
+        ["A high-quality, high-resolution photograph of a tabby cat."]  # the release's prompt
+    assert (args.lam, args.particles, args.steps, args.cfg, args.method) == (2.0, 4, 250, 2.5, "mfm-g")
