@@ -2,10 +2,17 @@
 process or data-parallel under torchrun, written into an output directory: samples.npz (the ADM evaluator's
 format), grid.png and rewards.json (`mfm_fast.parallel_sample` has the layout and what is invariant).
 
-    python -m mfm_fast steer --ckpt mfm-xl2.pt --vae sd-vae-ft-mse/ --class 281 --reward hpsv2 \\
-        --reward-weights HPS_v2_compressed.pt --method mfm-g --particles 4 --steps 250 --num-samples 64 --out steer_out
+    python -m mfm_fast steer --ckpt mfm-xl2.pt --vae sd-vae-ft-mse/ --class 281 --reward hpsv2,weights=hpsv21/ \\
+        --score-with clip,weights=clip-vit-base-patch16/ --method mfm-g --particles 4 --steps 250 \\
+        --num-samples 64 --out steer_out
     torchrun --standalone --nproc_per_node=8 -m mfm_fast sample --ckpt mfm-xl2.pt --vae sd-vae-ft-mse/ \\
         --class random --steps 4 --cfg 2.5 --num-samples 50000 --out fid50k
+
+Rewards are spec strings `NAME[,key=value...]` (`mfm_fast.reward_models.parse_reward_spec`): a name of
+`reward_models.REWARD_MODELS` or `module:function`, and the keyword arguments of its factory (local files only).
+`--reward` is the steering reward; each `--score-with` adds a scorer whose score of every output sample, with the
+sample's class prompt, goes into rewards.json beside the steering reward (scored after decoding, without
+gradients, by each process on the shards it computes; the scorers are built once per process).
 
 The checkpoint may be the official release, a nested/prefixed training checkpoint, an mfm_fast checkpoint
 (`mfm_fast.train.save`) or an mfm_fast .safetensors file (`mfm_fast.models.checkpoints.load_official_mfm`).
@@ -20,6 +27,7 @@ import datetime
 import torch
 
 from ._checks import check_positive_int
+from .reward_models import DEFAULT_TEMPLATE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # arguments that do not change the samples: left out of the settings a resume must match
@@ -54,9 +62,33 @@ def _common_args(ap: argparse.ArgumentParser, steps: int, n: int) -> None:
                     help="seconds a rank waits for the others before the job fails: at most one shard's compute "
                          "(and the ranks' difference in start-up time) in a healthy run")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--score-with", action="append", default=[], metavar="SPEC",
+                    help="extra scorer NAME[,key=value...] (repeatable), e.g. 'imagereward,weights=DIR,tokenizer=DIR': "
+                         "every output sample's score with its class prompt goes into rewards.json (names: "
+                         "hpsv2, imagereward, pickscore, clip, aesthetic, toy, or module:function)")
+    ap.add_argument("--prompt-template", default=DEFAULT_TEMPLATE, help="class prompt; {class} is the class name")
+    ap.add_argument("--class-names", help="class names file (one per line or JSON list); default ImageNet-1k")
+
+
+def _score_specs(args) -> dict:
+    """--score-with as {name: factory keyword arguments}; a malformed or repeated spec is an error."""
+    from .reward_models import parse_reward_spec
+    specs = {}
+    for spec in args.score_with:
+        try:
+            name, kwargs = parse_reward_spec(spec)
+        except ValueError as err:
+            raise ValueError(f"--score-with: {err}") from None
+        if name in specs:
+            raise ValueError(f"--score-with names {name!r} twice; give each scorer once")
+        specs[name] = kwargs
+    return specs
 
 
 def _validate(args) -> None:
+    from .reward_models import class_prompts
+    _score_specs(args)
+    class_prompts([0], args.prompt_template)  # "{class}" present
     for name in ("num_samples", "steps", "nrow", "shard_size", "grid"):
         check_positive_int(f"--{name.replace('_', '-')}", getattr(args, "n" if name == "num_samples" else name))
     if args.seed < 0:
@@ -140,6 +172,24 @@ def _run(args, desc: str, build) -> int:
     return 0
 
 
+def _scoring(args, device, steering: tuple = ("", {})):
+    """The --score-with scorers, built once on this process's device, and prompts(labels) -> one class prompt per
+    sample. A scorer named like the steering reward is the steering reward (its scores are recorded already) when
+    its spec matches, an error otherwise."""
+    from .reward_models import build_scorers, class_names, class_prompts
+    specs = _score_specs(args)
+    name, kwargs = steering
+    if name in specs:
+        if specs[name] != kwargs:
+            raise ValueError(f"--score-with {name} differs from the steering reward --reward {name} ({specs[name]} vs "
+                             f"{kwargs}); rewards.json records the steering reward under {name!r}, so give the same "
+                             "files or drop it from --score-with")
+        del specs[name]
+    names = class_names(args.class_names)
+    scorers = build_scorers(specs, device)
+    return scorers, lambda labels: class_prompts(labels, args.prompt_template, names)
+
+
 def cost_report(summary, nfe=None) -> str:
     c, n = summary.cost, summary.candidates
     fwd, bwd = int(c.get("forward_evals", 0)), int(c.get("backward_evals", 0))
@@ -169,49 +219,58 @@ def sample_main(argv=None) -> int:
 
     def build(args, device):
         from .latents import load_vae
-        from .parallel_sample import refine_shard
+        from .parallel_sample import refine_shard, scored_shard
         dtype = DTYPES[args.dtype]
         model = load_model(args.ckpt, args.impl, dtype, device)
         _check_cfg(model, args.cfg)
         label = _label(model, args.label, allow_random=True)
         vae = load_vae(args.vae, device=device, dtype=dtype)
+        scorers, prompts = _scoring(args, device)
         make_shard = refine_shard(model, lambda z: _decode(vae, z), args.steps, label, cfg=args.cfg,
                                   context=lambda: _autocast(args, device))
+        make_shard = scored_shard(make_shard, scorers, prompts)
 
         def describe(s):
-            return (f"sample: {s.n} images of class {args.label}, {args.steps} NFE each, cfg {args.cfg}, "
-                    f"{s.seconds:.2f} s -> {args.out}/samples.npz")
+            return "\n".join([f"sample: {s.n} images of class {args.label}, {args.steps} NFE each, cfg {args.cfg}, "
+                              f"{s.seconds:.2f} s -> {args.out}/samples.npz"]
+                             + [f"  mean score            {v.mean():.4f} ({k})" for k, v in s.rewards.items()])
         return make_shard, {}, describe
 
     return _run(sample_parser().parse_args(argv), "sample", build)
 
 
 # ---------------------------------------------------------------------------------------------- steer
-def _reward_kwargs(args, device) -> dict:
-    from .reward_models import REWARD_MODELS
-    kw = {}
-    for opt, key in (("reward_weights", "weights"), ("reward_config", "med_config"),
-                     ("reward_processor", "processor")):
-        if getattr(args, opt) is not None:
-            kw[key] = getattr(args, opt)
-    if args.reward in REWARD_MODELS:
-        kw["device"] = device
-    return kw
+def _reward_spec(args) -> tuple:
+    """--reward NAME[,key=value...] with the shorthands --reward-weights / --reward-processor merged in."""
+    from .reward_models import parse_reward_spec
+    try:
+        name, kwargs = parse_reward_spec(args.reward)
+    except ValueError as err:
+        raise ValueError(f"--reward: {err}") from None
+    for opt, key in (("reward_weights", "weights"), ("reward_processor", "processor")):
+        value = getattr(args, opt)
+        if value is None:
+            continue
+        if kwargs.get(key, value) != value:
+            raise ValueError(f"--{opt.replace('_', '-')} {value} contradicts {key}={kwargs[key]} in --reward")
+        kwargs[key] = value
+    return name, kwargs
 
 
 def steer_parser() -> argparse.ArgumentParser:
-    from .reward_models import DEFAULT_TEMPLATE, REWARD_MODELS
+    from .reward_models import REWARD_MODELS
     from .steer import METHODS, RENORMS
     ap = argparse.ArgumentParser(prog="python -m mfm_fast steer", description=steer_main.__doc__)
     _common_args(ap, steps=250, n=4)
-    ap.add_argument("--reward", default="hpsv2",
-                    help=f"reward model: {', '.join(sorted(REWARD_MODELS))}, or module:function returning a "
-                         "mfm_fast.reward_models.RewardModel")
-    ap.add_argument("--reward-weights", help="reward weights (ImageReward.pt, HPS_v2_compressed.pt, PickScore dir)")
-    ap.add_argument("--reward-config", help="ImageReward med_config.json")
-    ap.add_argument("--reward-processor", help="PickScore: local CLIP-ViT-H-14 processor directory")
-    ap.add_argument("--prompt-template", default=DEFAULT_TEMPLATE)
-    ap.add_argument("--class-names", help="class names file (one per line or JSON list); default ImageNet-1k")
+    ap.add_argument("--reward", default="hpsv2", metavar="SPEC",
+                    help=f"steering reward NAME[,key=value...]: NAME one of {', '.join(sorted(REWARD_MODELS))} or "
+                         "module:function returning a mfm_fast.reward_models.RewardModel, keys the factory's "
+                         "local files: hpsv2,weights=DIR|FILE; imagereward,weights=DIR,tokenizer=DIR; "
+                         "pickscore,weights=DIR,processor=DIR; clip,weights=DIR; aesthetic,weights=DIR,clip_config=FILE")
+    ap.add_argument("--reward-weights", help="shorthand for weights= in --reward (hpsv21 directory or "
+                                             "HPS_v2.1_compressed.pt, ImageReward directory, PickScore directory)")
+    ap.add_argument("--reward-processor", help="shorthand for processor= in --reward (PickScore: local "
+                                               "CLIP-ViT-H-14 processor directory)")
     ap.add_argument("--method", choices=METHODS, default="mfm-g")
     ap.add_argument("--particles", type=int, default=4, help="one-step samples per state and step")
     ap.add_argument("--lam", type=float, default=2.0, help="reward multiplier lambda (release: 2.0)")
@@ -228,12 +287,12 @@ def steer_parser() -> argparse.ArgumentParser:
 def steer_main(argv=None) -> int:
     """Reward-steered sampling of one class with an image reward scored on decoded latents, on one process or
     under torchrun; optionally Best-of-N over candidate pools (--best-of). Writes samples.npz, grid.png and
-    rewards.json (the steering reward of every sample) into --out."""
+    rewards.json (every sample's steering reward and --score-with scores, the counted cost) into --out."""
 
     def build(args, device):
         from .latents import decode_latents, load_vae
-        from .parallel_sample import steer_shard
-        from .reward_models import get_reward_model
+        from .parallel_sample import scored_shard, steer_shard
+        from .reward_models import REWARD_MODELS, get_reward_model
         from .rewards import DecodeThenScore
         from .steps import paper_nfe
         check_positive_int("--particles", args.particles)
@@ -243,20 +302,24 @@ def steer_main(argv=None) -> int:
                              "mfm_fast.steer.steer with population= directly")
         if args.chunk_size is not None:
             check_positive_int("--chunk-size", args.chunk_size)
+        reward_name, reward_kwargs = _reward_spec(args)
         dtype = DTYPES[args.dtype]
         model = load_model(args.ckpt, args.impl, dtype, device)
         _check_cfg(model, args.cfg)
         label = _label(model, args.label, allow_random=False)
         vae = load_vae(args.vae, device=device, dtype=dtype)
-        scorer = get_reward_model(args.reward, prompt_template=args.prompt_template, **_reward_kwargs(args, device))
+        kwargs = {"device": device, **reward_kwargs} if reward_name in REWARD_MODELS else reward_kwargs
+        scorer = get_reward_model(reward_name, prompt_template=args.prompt_template, **kwargs)
         prompted = scorer.for_labels([label], names_file=args.class_names)  # one prompt for every image
-        name = getattr(scorer, "name", args.reward)
+        name = getattr(scorer, "name", reward_name)
+        scorers, prompts = _scoring(args, device, steering=(name, reward_kwargs))
         reward = DecodeThenScore(lambda z: decode_latents(vae, z), prompted, name=f"decode_then_{name}")
         make_shard = steer_shard(model, lambda z: _decode(vae, z), reward, name, label, cfg=args.cfg,
                                  context=lambda: _autocast(args, device), steps=args.steps, method=args.method,
                                  n_particles=args.particles, lam=args.lam, sde=args.sde,
                                  renorm=None if args.renorm == "none" else args.renorm, t_start=args.t_start,
                                  chunk_size=args.chunk_size)
+        make_shard = scored_shard(make_shard, scorers, prompts)
 
         nfe = paper_nfe(args.method, args.steps, args.particles)
         if nfe is not None and args.best_of > 1:
@@ -264,7 +327,7 @@ def steer_main(argv=None) -> int:
 
         def describe(s):
             return (f"steer[{args.method}]: {s.n} images of class {label} ({prompted.prompts[0]!r}), reward "
-                    f"{args.reward}, lambda {args.lam}, {args.particles} particles, {args.steps} steps"
+                    f"{name}, lambda {args.lam}, {args.particles} particles, {args.steps} steps"
                     f"{f', best of {args.best_of}' if args.best_of > 1 else ''} -> {args.out}/samples.npz\n"
                     + cost_report(s, nfe))
         return make_shard, dict(best_of=args.best_of, select_by=name), describe

@@ -61,6 +61,7 @@ class ShardOutput:
     images: torch.Tensor  # (B, 3, H, W) float in [0, 1]
     rewards: dict = field(default_factory=dict)  # name -> (B,) scores of these images
     cost: dict = field(default_factory=dict)  # name -> work count, summed over shards (e.g. network rows)
+    labels: Optional[torch.Tensor] = None  # (B,) class of each sample, for scorers that need its prompt
 
 
 @dataclass
@@ -122,7 +123,7 @@ def refine_shard(model, decode: Callable, steps: int, label, cfg=None, context=c
             res = refine_sample(model, noise, steps=steps, generator=gens, return_result=True, **cond)
         with torch.no_grad():
             images = decode(res.samples)
-        return ShardOutput(images, {}, {"forward_calls": steps, "forward_evals": steps * len(gens)})
+        return ShardOutput(images, {}, {"forward_calls": steps, "forward_evals": steps * len(gens)}, y)
     return make_shard
 
 
@@ -148,8 +149,31 @@ def steer_shard(model, decode: Callable, reward, reward_name: str, label: int, c
         c = res.cost
         cost = {"forward_calls": c.forward_calls, "forward_evals": c.forward_evals,
                 "backward_evals": c.backward_evals, "reward_evals": c.reward_evals}
-        return ShardOutput(images, {reward_name: res.rewards}, cost)
+        return ShardOutput(images, {reward_name: res.rewards}, cost, y)
     return make_shard
+
+
+def scored_shard(make_shard: Callable, scorers: Mapping, prompts: Callable) -> Callable:
+    """make_shard whose output also holds every scorer's score of its decoded images, with no gradient:
+    `scorers` maps a name to an adapter `scorer(images, prompts) -> (B,)` (`reward_models.build_scorers`), and
+    `prompts(labels)` gives one prompt per image from the shard's `labels`. Under torchrun each rank scores the
+    shards it computes, with the scorers it built once."""
+    from .reward_models import score_images
+    scorers = dict(scorers)
+
+    def make_scored(gens, start, stop):
+        out = make_shard(gens, start, stop)
+        clash = sorted(set(out.rewards) & set(scorers))
+        if clash:
+            raise ValueError(f"scorer name(s) {clash} are already rewards of the shard (the steering reward)")
+        if not scorers:
+            return out
+        if out.labels is None:
+            raise ValueError("scored_shard: make_shard must return ShardOutput.labels (the prompts depend on them)")
+        scores = score_images(out.images, scorers, prompts=prompts(out.labels))
+        out.rewards.update({k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items()})
+        return out
+    return make_scored
 
 
 # ---------------------------------------------------------------------------------------------- the runner

@@ -74,7 +74,16 @@ def steer_args(files, out, *extra):
     return ["steer", "--ckpt", str(files / "mfm-tiny.pt"), "--vae", str(files / "vae"), "--class", "2",
             "--reward", "mfm_fast.reward_models:toy_reward", "--method", "mfm-g", "--particles", "2", "--sde",
             "--steps", "2", "--num-samples", "5", "--shard-size", "2", "--impl", "torch", "--device", "cpu",
-            "--no-progress", "--out", str(out), *extra]
+            "--score-with", f"{SCORER},dim=16", "--no-progress", "--out", str(out), *extra]
+
+
+def toy16(dim="32", device="cpu"):
+    """An extra scorer for --score-with (spec values arrive as strings)."""
+    from mfm_fast.reward_models import toy_reward
+    return toy_reward(int(dim), seed=1, device=device)
+
+
+SCORER = "test_parallel_sample:toy16"
 
 
 def torchrun_cmd() -> list:
@@ -85,7 +94,9 @@ def torchrun_cmd() -> list:
 
 def torchrun(args, fault=None, timeout=240):
     """`torchrun --standalone --nproc_per_node=2 -m mfm_fast ARGS`."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    # ROOT/tests too: the steer runs score with this module's toy16
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"),
+                                                        os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     env.pop(FAULT_ENV, None)
     if fault:
@@ -184,6 +195,9 @@ def test_steer_failing_rank_then_resume_on_two_ranks_equals_one_process(files, t
     assert cli_main(steer_args(files, tmp_path / "A")) == 0
     report = json.loads((tmp_path / "A" / "rewards.json").read_text())
     assert len(report["rewards"]["toy"]) == 5 and np.isfinite(report["rewards"]["toy"]).all()
+    # --score-with: each rank scores the shards it computes; the merged scores equal one process's (below)
+    extra = np.array(report["rewards"][SCORER])
+    assert extra.shape == (5,) and np.isfinite(extra).all() and not np.allclose(extra, report["rewards"]["toy"])
     assert report["cost"]["backward_evals"] > 0 and report["cost"]["reward_evals"] > 0
 
     # rank 1 (shard 2 of shards 0-1 | 2) fails after writing its shard: the job ends with an error, no samples.npz
