@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ._checks import check_positive_int, check_state
 from ._torchvision import ensure_torchvision
 
-DEFAULT_TEMPLATE = "A high-quality, high-resolution photograph of a {class}"
+DEFAULT_TEMPLATE = "A high-quality, high-resolution photograph of a {class}."  # the release's prompt
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 Prompts = Union[str, Sequence[str]]

@@ -35,7 +35,7 @@ from mfm_fast.reward_models import (REWARD_MODELS, _require, blip_tokenizer_load
 from mfm_fast.rewards import DecodeThenScore
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout under test, wherever it is
-PROMPT = "A high-quality, high-resolution photograph of a great white shark"  # ImageNet class 2, default template
+PROMPT = "A high-quality, high-resolution photograph of a great white shark."  # ImageNet class 2, default template
 TINY_OPEN_CLIP = "mfm-e2e-tiny-ViT"
 BERT_WORDS = ["a", "high", "-", "quality", ",", "resolution", "photograph", "of", "great", "white", "shark"]
 
@@ -292,5 +292,5 @@ def test_the_readme_release_command_parses_with_the_files_each_reward_needs():
         accepted = set(inspect.signature(REWARD_MODELS[name]).parameters) - {"device", "med_config"}
         assert required[name] <= set(kwargs) <= accepted, name
     assert class_prompts([281], args.prompt_template) == \
-        ["A high-quality, high-resolution photograph of a tabby cat."]  # the release's prompt
+        ["A high-quality, high-resolution photograph of a tabby cat."]  # the release's prompt, by default
     assert (args.lam, args.particles, args.steps, args.cfg, args.method) == (2.0, 4, 250, 2.5, "mfm-g")

@@ -15,7 +15,7 @@ def test_imagenet_names_and_prompts(tmp_path):
     assert len(IMAGENET_CLASSES) == 1000
     assert (IMAGENET_CLASSES[0], IMAGENET_CLASSES[207], IMAGENET_CLASSES[281], IMAGENET_CLASSES[999]) == (
         "tench", "Golden Retriever", "tabby cat", "toilet paper")
-    assert class_prompts(torch.tensor([281])) == ["A high-quality, high-resolution photograph of a tabby cat"]
+    assert class_prompts(torch.tensor([281])) == ["A high-quality, high-resolution photograph of a tabby cat."]
     (tmp_path / "names.txt").write_text("zero\n\none\ntwo\n")
     names = class_names(tmp_path / "names.txt")
     assert names == ["zero", "one", "two"]
