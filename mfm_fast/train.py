@@ -382,17 +382,26 @@ class _Trainer:
                              f"{world} ranks: {self.parts} must all be divisible by {world}")
         self.rows = D.local_rows(self.parts[:2], self.dist.rank, world)
         self.rollout_rows = D.local_rows(self.parts[2:], self.dist.rank, world)
-        self.bank = None
+        self._bank, self._bank_inputs = None, None
         if n_r:
             if teacher_drift is None:
                 raise ValueError("rollout_fraction > 0 needs teacher_drift(t, x) -> b_t(x)")
-            # the same bank on every rank and after every resume: it is drawn from the run's seed
+            self._bank_inputs = (sample_batch, teacher_drift, progress and self.dist.is_main)
+
+    @property
+    def bank(self):
+        """The teacher-rollout bank (None without rollout rows), built at the first step that draws from it, so a
+        resumed run that is already finished never pays for the rollouts. It is drawn from the run's seed: the
+        same bank on every rank and after every resume."""
+        if self._bank is None and self._bank_inputs is not None:
+            sample_batch, teacher_drift, progress = self._bank_inputs
+            cfg = self.cfg
             gen = torch.Generator().manual_seed(cfg.seed + 7919)
             x1, cond = _split_batch(sample_batch(cfg.rollout_bank, gen))
-            self.bank = build_rollout_bank(teacher_drift, x1, cfg.rollout_steps, cfg.rollout_warp, gen,
-                                           cfg.t_power, cfg.t_zero_prob, cfg.rollout_context_spread,
-                                           device=self.device,
-                                           progress=progress and self.dist.is_main, **cond)
+            self._bank = build_rollout_bank(teacher_drift, x1, cfg.rollout_steps, cfg.rollout_warp, gen,
+                                            cfg.t_power, cfg.t_zero_prob, cfg.rollout_context_spread,
+                                            device=self.device, progress=progress, **cond)
+        return self._bank
 
     # -- state
     def state_dict(self) -> dict:

@@ -151,6 +151,16 @@ def test_trainer_rollout_rows_validate_and_resume_bitwise(tmp_path):
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
+    calls = []
+
+    def counting_drift(t, x):
+        calls.append(x.shape[0])
+        return data.drift(t, x)
+    # resuming a finished run: nothing to train, so the teacher is never rolled out
+    again = T.train(make(), data.sample, dataclasses.replace(cfg, checkpoint_every=3), out=out,
+                    teacher_drift=counting_drift, progress=False)
+    assert again.step == 6 and calls == []
+
 
 def test_recipe_archs_and_cache_keys():
     from mfm_fast.models import MFMDiT
