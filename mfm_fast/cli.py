@@ -278,6 +278,9 @@ def steer_parser() -> argparse.ArgumentParser:
     ap.add_argument("--renorm", choices=[r or "none" for r in RENORMS], default="rescale")
     ap.add_argument("--t-start", type=float, default=0.01)
     ap.add_argument("--chunk-size", type=int, default=None, help="rows per network call in the value estimator")
+    ap.add_argument("--posterior-steps", type=int, default=1,
+                    help="flow-map steps per posterior sample in the value estimator (1: one step; m: the m-step "
+                         "composed map, m times the cost, counted in the NFE)")
     ap.add_argument("--best-of", type=int, default=1,
                     help="Best-of-N: N candidates per output sample (global indices), the highest reward kept "
                          "(with --method none: the Best-of-N baseline)")
@@ -297,6 +300,7 @@ def steer_main(argv=None) -> int:
         from .steps import paper_nfe
         check_positive_int("--particles", args.particles)
         check_positive_int("--best-of", args.best_of)
+        check_positive_int("--posterior-steps", args.posterior_steps)
         if args.method == "smc":  # before any loading; steer_shard refuses it too
             raise ValueError("--method smc couples the samples of a population and cannot be sharded; use "
                              "mfm_fast.steer.steer with population= directly")
@@ -318,10 +322,10 @@ def steer_main(argv=None) -> int:
                                  context=lambda: _autocast(args, device), steps=args.steps, method=args.method,
                                  n_particles=args.particles, lam=args.lam, sde=args.sde,
                                  renorm=None if args.renorm == "none" else args.renorm, t_start=args.t_start,
-                                 chunk_size=args.chunk_size)
+                                 chunk_size=args.chunk_size, posterior_steps=args.posterior_steps)
         make_shard = scored_shard(make_shard, scorers, prompts)
 
-        nfe = paper_nfe(args.method, args.steps, args.particles)
+        nfe = paper_nfe(args.method, args.steps, args.particles, posterior_steps=args.posterior_steps)
         if nfe is not None and args.best_of > 1:
             nfe = nfe * args.best_of + args.best_of  # N candidates and their N reward evaluations
 

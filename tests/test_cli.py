@@ -1,6 +1,7 @@
 """`python -m mfm_fast sample|steer` end to end on CPU: tiny official-format checkpoint, tiny VAE, stand-in reward.
 (Sharding, resumption and torchrun: tests/test_parallel_sample.py.)"""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -78,6 +79,20 @@ def test_steer_command_runs_mfm_g_and_reports_cost(files, tmp_path, capsys):
     assert "paper NFE per sample  18" in text  # K + 4NK with K = 2, N = 2
     assert "backward rows" in text and "mean reward" in text
     assert read_png(out / "grid.png").shape == (34 + 2, 2 * 34 + 2, 3)
+    one = json.loads((out / "rewards.json").read_text())["cost"]
+    # the 2-step composed posterior sampler in the estimator: twice the particle work, counted
+    rc = cli_main(["steer", "--ckpt", str(files / "mfm-tiny.pt"), "--vae", str(files / "vae"), "--class", "2",
+                   "--reward", "mfm_fast.reward_models:toy_reward", "--prompt-template", "a photo of a {class}",
+                   "--method", "mfm-g", "--particles", "2", "--steps", "2", "--n", "2", "--posterior-steps", "2",
+                   "--out", str(tmp_path / "steer2"), "--impl", "torch", "--device", "cpu"])
+    assert rc == 0
+    assert "paper NFE per sample  34" in capsys.readouterr().out  # K + 4·(2N)·K
+    two = json.loads((tmp_path / "steer2" / "rewards.json").read_text())["cost"]
+    assert two["forward_evals"] > one["forward_evals"] and two["backward_evals"] > one["backward_evals"]
+    with pytest.raises(ValueError, match="--posterior-steps"):
+        cli_main(["steer", "--ckpt", str(files / "mfm-tiny.pt"), "--vae", str(files / "vae"), "--class", "2",
+                  "--reward", "mfm_fast.reward_models:toy_reward", "--posterior-steps", "0", "--out",
+                  str(tmp_path / "steer3"), "--impl", "torch"])
 
 
 def test_cli_rejects_bad_arguments(files, tmp_path):
