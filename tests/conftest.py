@@ -33,3 +33,16 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def tiny_dit():
+    """A small MFM-DiT (MFM-T/2, reference path) in eval mode, one per test module. Its weights are perturbed:
+    the zero-initialised output layers would otherwise hide errors behind an all-zero output."""
+    from mfm_fast.models.dit import MFMDiT
+    torch.manual_seed(0)
+    model = MFMDiT("MFM-T/2", impl="torch")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()

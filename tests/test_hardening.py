@@ -12,7 +12,7 @@ import torch
 from mfm_fast import train as T
 from mfm_fast.__main__ import main as cli_main
 from mfm_fast.data import ExactGaussianMFM, paper_gmm
-from mfm_fast.models import MFMDiT, MFMMLP
+from mfm_fast.models import MFMMLP
 from mfm_fast.rewards import LinearInverseReward
 from mfm_fast.steer import best_of_n, steer
 
@@ -41,21 +41,12 @@ print("ok")
 
 
 # ---------------------------------------------------------------------------------------------- steering
-def tiny_dit():
-    torch.manual_seed(0)
-    model = MFMDiT("MFM-T/2", impl="torch")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model.eval()
-
-
 def image_reward(x):
     return -x.pow(2).flatten(1).mean(1)
 
 
-def test_smc_and_global_search_refuse_populations_that_mix_labels():
-    model = tiny_dit()
+def test_smc_and_global_search_refuse_populations_that_mix_labels(tiny_dit):
+    model = tiny_dit
     noise = torch.randn(4, 4, 8, 8)
     y = torch.tensor([3, 3, 7, 7])
     kw = dict(steps=2, n_particles=2, progress=False, generator=torch.Generator().manual_seed(0))
@@ -116,8 +107,8 @@ def test_time_grids_that_round_to_one_are_refused():
 
 
 # ---------------------------------------------------------------------------------------------- guidance table
-def test_guidance_weights_outside_the_table_raise():
-    model = tiny_dit()
+def test_guidance_weights_outside_the_table_raise(tiny_dit):
+    model = tiny_dit
     x, xbar, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.rand(3)
     y = torch.tensor([1, 2, 3])
     with torch.no_grad():
@@ -133,8 +124,8 @@ def test_guidance_weights_outside_the_table_raise():
     torch.testing.assert_close(b, c, rtol=0, atol=0)
 
 
-def test_sample_cli_refuses_cfg_outside_the_table_before_loading_the_vae(tmp_path):
-    model = tiny_dit()
+def test_sample_cli_refuses_cfg_outside_the_table_before_loading_the_vae(tmp_path, tiny_dit):
+    model = tiny_dit
     torch.save({"model": {"model.model.dit." + k: v for k, v in model.state_dict().items()},
                 "config": dataclasses.asdict(model.config)}, tmp_path / "mfm-tiny.pt")
     base = ["sample", "--ckpt", str(tmp_path / "mfm-tiny.pt"), "--vae", str(tmp_path / "no-vae"), "--impl", "torch",

@@ -10,7 +10,7 @@ import torch
 from mfm_fast import aot, backend
 from mfm_fast.__main__ import main as cli_main
 from mfm_fast.data import ExactGaussianMFM
-from mfm_fast.models import MFMDiT, MFMMLP
+from mfm_fast.models import MFMMLP
 from mfm_fast.models.checkpoints import CheckpointError, load_official_mfm, save_safetensors
 from mfm_fast.rewards import LinearInverseReward
 from mfm_fast.sampling import drift, flow_map, ode_sample, posterior_sample, refine_sample
@@ -19,16 +19,6 @@ from mfm_fast.value import value_and_grad
 
 F64 = torch.float64
 STEER_METHODS = ("none", "mfm-g", "mfm-gf", "dps", "search", "smc")
-
-
-@pytest.fixture(scope="module")
-def dit():
-    torch.manual_seed(0)
-    model = MFMDiT("MFM-T/2", impl="torch")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model.eval()
 
 
 def mlp():
@@ -90,21 +80,21 @@ def test_nonfinite_noise_is_blamed_on_the_noise_not_the_reward():
         value_and_grad(model, reward, 0.5, torch.randn(4, 2), 2, noise=poisoned((4, 2, 2), at=(0, 1, 0)))
 
 
-def test_dit_forward_refuses_nonfinite_inputs_eagerly_but_not_inside_transforms(dit):
+def test_dit_forward_refuses_nonfinite_inputs_eagerly_but_not_inside_transforms(tiny_dit):
     t = torch.rand(3)
     x, xbar = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     with torch.no_grad():
         with pytest.raises(ValueError, match=r"^x has 1 non-finite"):
-            dit(t, t, xbar, t, poisoned((3, 4, 8, 8), float("inf"), at=(2, 0, 0, 0)))
+            tiny_dit(t, t, xbar, t, poisoned((3, 4, 8, 8), float("inf"), at=(2, 0, 0, 0)))
         with pytest.raises(ValueError, match=r"^xbar has 1 non-finite"):
-            dit(t, t, poisoned((3, 4, 8, 8), at=(0, 3, 7, 7)), t, x)
+            tiny_dit(t, t, poisoned((3, 4, 8, 8), at=(0, 3, 7, 7)), t, x)
     # inside torch.func transforms (as in the training losses' jvp) no host read is made: the values pass through
-    out, _ = torch.func.jvp(lambda xb: dit(t, t, xb, t, x), (poisoned((3, 4, 8, 8)),), (torch.randn(3, 4, 8, 8),))
+    out, _ = torch.func.jvp(lambda xb: tiny_dit(t, t, xb, t, x), (poisoned((3, 4, 8, 8)),), (torch.randn(3, 4, 8, 8),))
     assert not bool(torch.isfinite(out).all())
 
 
 # ---------------------------------------------------------------------------------------------- item 8
-def test_empty_batches_raise_a_clear_error(dit):
+def test_empty_batches_raise_a_clear_error(tiny_dit):
     model, reward = gaussian()
     empty = torch.randn(0, 2)
     for method in STEER_METHODS:  # SMC raised ZeroDivisionError, the others blamed "xbar"
@@ -120,7 +110,7 @@ def test_empty_batches_raise_a_clear_error(dit):
         value_and_grad(model, reward, 0.5, empty, 2)
     e = torch.rand(0)
     with torch.no_grad(), pytest.raises(ValueError, match="batch is empty"):
-        dit(e, e, torch.randn(0, 4, 8, 8), e, torch.randn(0, 4, 8, 8))
+        tiny_dit(e, e, torch.randn(0, 4, 8, 8), e, torch.randn(0, 4, 8, 8))
 
 
 def test_dps_with_a_non_differentiable_reward_names_the_reward():
@@ -138,12 +128,12 @@ def test_dps_with_a_non_differentiable_reward_names_the_reward():
 
 @pytest.mark.parametrize("kind", ["empty", "truncated", "random"])
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_unreadable_checkpoint_files_name_the_path(dit, tmp_path, kind, suffix):
+def test_unreadable_checkpoint_files_name_the_path(tiny_dit, tmp_path, kind, suffix):
     good = tmp_path / f"good{suffix}"
     if suffix == ".pt":
-        torch.save(dit.state_dict(), good)
+        torch.save(tiny_dit.state_dict(), good)
     else:
-        save_safetensors(dit, good)
+        save_safetensors(tiny_dit, good)
     data = good.read_bytes()
     path = tmp_path / f"{kind}{suffix}"
     path.write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
@@ -151,67 +141,67 @@ def test_unreadable_checkpoint_files_name_the_path(dit, tmp_path, kind, suffix):
     with pytest.raises(CheckpointError, match=rf"cannot read the checkpoint {re.escape(str(path))}: "
                                               r"(the file is empty|it is truncated, corrupt or not a checkpoint)"):
         load_official_mfm(path, impl="torch")
-    assert load_official_mfm(good, impl="torch", config=dit.config).config == dit.config
+    assert load_official_mfm(good, impl="torch", config=tiny_dit.config).config == tiny_dit.config
 
 
-def test_inputs_in_another_dtype_than_the_model_name_the_argument(dit):
+def test_inputs_in_another_dtype_than_the_model_name_the_argument(tiny_dit):
     t = torch.rand(2)
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         with pytest.raises(TypeError, match=r"^x must be float32 like the model's weights, got float16"):
-            dit(t, t, x, t, x.half())
+            tiny_dit(t, t, x, t, x.half())
         with pytest.raises(TypeError, match=r"^xbar must be float32 like the model's weights, got float64"):
-            dit(t, t, x.double(), t, x)
+            tiny_dit(t, t, x.double(), t, x)
         with pytest.raises(TypeError, match=r"^x must be float32 .* got float64"):
-            drift(dit, 0.5, x.double())  # the model sees x as its xbar; the entry point names it
+            drift(tiny_dit, 0.5, x.double())  # the model sees x as its xbar; the entry point names it
         with pytest.raises(TypeError, match=r"^x must be float32 .* got float16"):
-            posterior_sample(dit, 0.5, x.half())
+            posterior_sample(tiny_dit, 0.5, x.half())
         with pytest.raises(TypeError, match=r"^noise must be float32 .* got float16"):
-            steer(dit, image_reward, x.half(), steps=1, method="none", progress=False)
+            steer(tiny_dit, image_reward, x.half(), steps=1, method="none", progress=False)
         with pytest.raises(TypeError, match=r"^x must be float32 .* got float64"):
             posterior_sample(mlp(), 0.5, torch.randn(4, 2, dtype=F64))
         # under autocast the ops cast their inputs themselves
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert dit(t, t, x.bfloat16(), t, x.bfloat16()).shape == x.shape
+            assert tiny_dit(t, t, x.bfloat16(), t, x.bfloat16()).shape == x.shape
 
 
-def test_wrong_shape_x_is_reported_as_x(dit):
+def test_wrong_shape_x_is_reported_as_x(tiny_dit):
     with torch.no_grad():
-        for call in (lambda: drift(dit, 0.5, torch.randn(2, 4, 6, 6)),
-                     lambda: posterior_sample(dit, 0.5, torch.randn(2, 4, 6, 6)),
-                     lambda: flow_map(dit, 0.0, 1.0, torch.randn(2, 4, 8, 8), 0.5, torch.randn(2, 4, 6, 6))):
+        for call in (lambda: drift(tiny_dit, 0.5, torch.randn(2, 4, 6, 6)),
+                     lambda: posterior_sample(tiny_dit, 0.5, torch.randn(2, 4, 6, 6)),
+                     lambda: flow_map(tiny_dit, 0.0, 1.0, torch.randn(2, 4, 8, 8), 0.5, torch.randn(2, 4, 6, 6))):
             with pytest.raises(ValueError, match=r"^x must have shape \(B, 4, 8, 8\), got \(2, 4, 6, 6\)"):
                 call()
         with pytest.raises(ValueError, match=r"^x must have shape \(B, 2\), got \(4, 3\)"):
             drift(mlp(), 0.5, torch.randn(4, 3))
         with pytest.raises(ValueError, match=r"^noise must have shape \(B, 4, 8, 8\)"):
-            refine_sample(dit, torch.randn(2, 4, 6, 6))
+            refine_sample(tiny_dit, torch.randn(2, 4, 6, 6))
 
 
-def test_cfg_and_y_of_the_wrong_length_are_refused(dit):
+def test_cfg_and_y_of_the_wrong_length_are_refused(tiny_dit):
     t = torch.rand(4)
     x, xbar = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
     with torch.no_grad():
         for cfg in (torch.tensor([1.0, 2.5]), torch.full((5,), 2.5), torch.full((4, 1), 2.5)):
             with pytest.raises(ValueError, match=r"^cfg must be a number or a tensor of shape \(\) or \(4,\)"):
-                dit(t, t, xbar, t, x, cfg=cfg)
+                tiny_dit(t, t, xbar, t, x, cfg=cfg)
         with pytest.raises(ValueError, match=r"^x_cond_scale must be .* \(4,\)"):
-            dit(t, t, xbar, t, x, x_cond_scale=torch.ones(3))
+            tiny_dit(t, t, xbar, t, x, x_cond_scale=torch.ones(3))
         # one weight per row, or one for all, still work
-        a = dit(t, t, xbar, t, x, cfg=torch.full((4,), 2.5))
-        b = dit(t, t, xbar, t, x, cfg=torch.full((1,), 2.5))
+        a = tiny_dit(t, t, xbar, t, x, cfg=torch.full((4,), 2.5))
+        b = tiny_dit(t, t, xbar, t, x, cfg=torch.full((1,), 2.5))
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         noise = torch.randn(2, 4, 8, 8)
         kw = dict(steps=1, progress=False)
         with pytest.raises(ValueError, match=r"^y has 3 rows but noise has 2 samples"):
-            steer(dit, image_reward, noise, method="none", y=torch.tensor([1, 2, 3]), **kw)
+            steer(tiny_dit, image_reward, noise, method="none", y=torch.tensor([1, 2, 3]), **kw)
         with pytest.raises(ValueError, match=r"^cfg has 3 rows but noise has 2 samples"):
-            steer(dit, image_reward, noise, method="none", cfg=torch.full((3,), 2.5), **kw)
+            steer(tiny_dit, image_reward, noise, method="none", cfg=torch.full((3,), 2.5), **kw)
         # best_of_n repeats per-row conditioning n times: a wrong length was reported against B·n rows
         with pytest.raises(ValueError, match=r"^y has 3 rows but noise has 2 samples"):
-            best_of_n(dit, image_reward, noise, 4, y=torch.tensor([1, 2, 3]), steps=1)
+            best_of_n(tiny_dit, image_reward, noise, 4, y=torch.tensor([1, 2, 3]), steps=1)
         with pytest.raises(ValueError, match=r"^y has 5 rows but x has 2 samples"):
-            posterior_sample(dit, 0.5, noise, 2, y=torch.arange(5))
+            posterior_sample(tiny_dit, 0.5, noise, 2, y=torch.arange(5))
 
 
 def test_ode_sample_checks_its_arguments():
