@@ -1,11 +1,16 @@
 PY ?= python3
 
-.PHONY: install demo test test-gpu bench check-triton
+.PHONY: install install-core demo test test-gpu bench check-triton
+# everything the tests use, the image reward libraries included
 install:
 	PYTHON=$(PY) bash scripts/install.sh dev,rewards
 
+# the demo needs no reward libraries
+install-core:
+	PYTHON=$(PY) bash scripts/install.sh dev
+
 # README command 1: the main job
-demo: install
+demo: install-core
 	$(PY) -m mfm_fast demo
 
 # README command 2: the whole CPU suite (reference path + Triton interpreter tier + benchmark smoke tests)
