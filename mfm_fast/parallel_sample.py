@@ -61,7 +61,7 @@ class ShardOutput:
     images: torch.Tensor  # (B, 3, H, W) float in [0, 1]
     rewards: dict = field(default_factory=dict)  # name -> (B,) scores of these images
     cost: dict = field(default_factory=dict)  # name -> work count, summed over shards (e.g. network rows)
-    labels: Optional[torch.Tensor] = None  # (B,) class of each sample, for scorers that need its prompt
+    labels: Optional[torch.Tensor] = None  # (B,) class of each sample: its scorers' prompt, and rewards.json
 
 
 @dataclass
@@ -241,8 +241,13 @@ def _write_shard(path: Path, out: ShardOutput, scorers: Mapping, start: int, sto
         for name, fn in scorers.items():
             rewards[name] = _scores(name, fn(out.images), rows)
     names = sorted(rewards)
+    labels = None
+    if out.labels is not None:
+        labels = [int(v) for v in torch.as_tensor(out.labels).reshape(-1).tolist()]
+        if len(labels) != rows:
+            raise ValueError(f"make_shard returned {len(labels)} labels for the {rows} indices [{start}, {stop})")
     meta = json.dumps({"start": start, "stop": stop, "reward_names": names, "seconds": seconds, "rank": rank,
-                       "world_size": world,
+                       "world_size": world, "labels": labels,
                        "cost": {k: float(v) for k, v in out.cost.items()}})
     table = np.stack([rewards[k] for k in names]) if names else np.zeros((0, rows), np.float32)
     _atomic_write(path, lambda f: np.savez(f, images=images, rewards=table, meta=np.array(meta)))
@@ -393,9 +398,14 @@ def _merge(out: Path, n: int, best_of: int, select_by, bounds, path, grid, nrow,
                            f"all ranks share?): {', '.join(missing[:5])}")
     cost: dict = {}
     rewards: dict = {}
+    labels: Optional[list] = []
     names = None
     for k in range(len(bounds)):
         meta, table = _read_meta(path(k))
+        if labels is not None and meta.get("labels") is not None:
+            labels += meta["labels"]
+        else:
+            labels = None  # a shard without labels: none are reported
         if (meta["start"], meta["stop"]) != bounds[k]:
             raise RuntimeError(f"{path(k)} holds indices [{meta['start']}, {meta['stop']}), expected "
                                f"{list(bounds[k])}: shards of another run")
@@ -435,6 +445,8 @@ def _merge(out: Path, n: int, best_of: int, select_by, bounds, path, grid, nrow,
     report = {"n": n, "best_of": best_of, "rewards": {k: v.tolist() for k, v in selected.items()},
               "mean_rewards": {k: float(v.mean()) for k, v in selected.items()},
               "cost": cost, "seconds_last_invocation": seconds, "settings": settings}
+    if labels is not None:  # the class of every output sample (e.g. `sample --class random`)
+        report["labels"] = [labels[i] for i in keep.tolist()]
     if best_of > 1:
         report["candidates"] = {"selected_index": keep.tolist(),
                                 "rewards": {k: v.tolist() for k, v in rewards.items()}}

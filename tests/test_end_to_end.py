@@ -235,6 +235,7 @@ def test_sample_out_scores_each_sample_with_its_class_prompt(files, tmp_path):
     np.testing.assert_array_equal(arr, (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy())
     prompts = class_prompts(labels, "a photo of a {class}")
     assert len(set(prompts)) > 1  # random classes: one prompt per sample
+    assert report["labels"] == labels.tolist()  # the class of every sample, for class-conditional evaluations
     want = score_images(images, {"clip": clip_reward(weights=files / "clip-b16")}, prompts=prompts)
     np.testing.assert_allclose(report["rewards"]["clip"], want["clip"], rtol=1e-5, atol=1e-6)
     assert report["cost"]["forward_evals"] == 6
