@@ -46,3 +46,28 @@ def tiny_dit():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """What `sample`/`steer` read, at toy size, one folder per test module: `vae/` (a diffusers AutoencoderKL,
+    factor 4) and `mfm-tiny.pt` (a random MFM-T/2 with release-format keys; 4x8x8 latents -> 32x32 images,
+    10 classes). A tiny architecture is not the released one, so its config travels with the weights."""
+    import dataclasses
+
+    from diffusers import AutoencoderKL
+
+    from mfm_fast.models.dit import MFMDiT
+    root = tmp_path_factory.mktemp("release_files")
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=4, sample_size=32).save_pretrained(root / "vae")
+    model = MFMDiT("MFM-T/2", impl="torch")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    torch.save({"model": {"model.model.dit." + k: v for k, v in model.state_dict().items()},
+                "config": dataclasses.asdict(model.config)}, root / "mfm-tiny.pt")
+    return root

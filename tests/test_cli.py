@@ -1,6 +1,5 @@
 """`python -m mfm_fast sample|steer` end to end on CPU: tiny official-format checkpoint, tiny VAE, stand-in reward.
 (Sharding, resumption and torchrun: tests/test_parallel_sample.py.)"""
-import dataclasses
 import json
 
 import numpy as np
@@ -11,28 +10,8 @@ from PIL import Image
 from mfm_fast.__main__ import main as cli_main
 from mfm_fast.latents import decode_latents, load_vae
 from mfm_fast.models.checkpoints import load_official_mfm
-from mfm_fast.models.dit import MFMDiT
 from mfm_fast.parallel_sample import sample_generator
 from mfm_fast.sampling import randn_rows, refine_sample
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from diffusers import AutoencoderKL
-    root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                  up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8), layers_per_block=1,
-                  latent_channels=4, norm_num_groups=4, sample_size=32).save_pretrained(root / "vae")
-    model = MFMDiT("MFM-T/2", impl="torch")  # 4x8x8 latents -> 32x32 images through the factor-4 VAE
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    # release-format keys; a tiny architecture is not the released one, so its config travels with the weights
-    torch.save({"model": {"model.model.dit." + k: v for k, v in model.state_dict().items()},
-                "config": dataclasses.asdict(model.config)}, root / "mfm-tiny.pt")
-    return root
 
 
 def read_png(path):

@@ -9,8 +9,6 @@ constructors made small (the same real classes at small sizes, as in tests/test_
 subprocess run (`python -m mfm_fast steer`, HF_HUB_OFFLINE=1) uses the transformers models, which load at any
 size. rewards.json is checked against scores recomputed with independently built adapters on the same decoded
 images (before uint8 quantisation), whose uint8 form must equal samples.npz byte for byte."""
-import dataclasses
-import functools
 import inspect
 import json
 import os
@@ -28,11 +26,12 @@ from PIL import Image
 from mfm_fast.__main__ import main as cli_main
 from mfm_fast.latents import decode_latents, load_vae
 from mfm_fast.models.checkpoints import load_official_mfm
-from mfm_fast.models.dit import MFMDiT
 from mfm_fast.parallel_sample import refine_shard, sample_generator, steer_shard
-from mfm_fast.reward_models import (REWARD_MODELS, _require, blip_tokenizer_loader, class_prompts, clip_reward,
+from mfm_fast.reward_models import (REWARD_MODELS, _require, class_prompts, clip_reward,
                                     hpsv2_reward, image_reward, parse_reward_spec, pickscore_reward, score_images)
 from mfm_fast.rewards import DecodeThenScore
+
+from tiny_rewards import shrink_imagereward
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout under test, wherever it is
 PROMPT = "A high-quality, high-resolution photograph of a great white shark."  # ImageNet class 2, default template
@@ -79,39 +78,15 @@ def small_imscore(m, root: Path, bert_dir: Path):
     # random weights (the library would ask for ViT-H-14's pretrained tag; the adapter's factory asks for none)
     m.setattr(hps, "create_model_and_transforms",
               lambda name, pretrained=None, **kw: open_clip.create_model_and_transforms(TINY_OPEN_CLIP, None, **kw))
-    vit, blip, bert_config = imr.VisionTransformer, imr.BLIP, imr.BertConfig
-
-    class SmallBertConfig:
-        @staticmethod
-        def from_dict(config):
-            return bert_config.from_dict({**config, "num_hidden_layers": 1, "intermediate_size": 64,
-                                          "vocab_size": 32})
-
-    m.setattr(imr, "VisionTransformer", lambda **kw: vit(**{**kw, "depth": 1, "num_heads": 4}))
-    m.setattr(imr, "BLIP", functools.partial(blip, vision_width=64))
-    m.setattr(imr, "BertConfig", SmallBertConfig)
-    m.setattr(imr, "BertTokenizer", blip_tokenizer_loader(bert_dir))
-    return hps, imr
+    return hps, shrink_imagereward(m, imr, bert_dir)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from diffusers import AutoencoderKL
+def files(files):
+    """conftest's toy checkpoint and VAE, plus small reward-model folders saved by their libraries."""
     from safetensors.torch import save_file
     from transformers import BertTokenizer
-    root = tmp_path_factory.mktemp("e2e")
-    torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                  up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8), layers_per_block=1,
-                  latent_channels=4, norm_num_groups=4, sample_size=32).save_pretrained(root / "vae")
-    model = MFMDiT("MFM-T/2", impl="torch")  # 4x8x8 latents -> 32x32 images through the factor-4 VAE, 10 classes
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    torch.save({"model": {"model.model.dit." + k: v for k, v in model.state_dict().items()},
-                "config": dataclasses.asdict(model.config)}, root / "mfm-tiny.pt")
-
+    root = files
     proc = clip_processor()
     proc.save_pretrained(root / "clip-h14-processor")  # PickScore's processor directory
     tiny_clip(1).save_pretrained(root / "pickscore")

@@ -32,28 +32,6 @@ from mfm_fast.sampling import randn_rows, refine_sample
 ROOT = Path(__file__).resolve().parents[1]  # the checkout under test, whatever its path
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    import dataclasses
-
-    from diffusers import AutoencoderKL
-
-    from mfm_fast.models.dit import MFMDiT
-    root = tmp_path_factory.mktemp("psample")
-    torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                  up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8), layers_per_block=1,
-                  latent_channels=4, norm_num_groups=4, sample_size=32).save_pretrained(root / "vae")
-    model = MFMDiT("MFM-T/2", impl="torch")  # 4x8x8 latents -> 32x32 images, 10 classes
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    torch.save({"model": {"model.model.dit." + k: v for k, v in model.state_dict().items()},
-                "config": dataclasses.asdict(model.config)}, root / "mfm-tiny.pt")
-    return root
-
-
 @pytest.fixture
 def one_thread():
     # torchrun gives each worker OMP_NUM_THREADS=1; the in-process run uses the same, as CPU GEMM bits may depend

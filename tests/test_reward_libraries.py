@@ -4,7 +4,6 @@ Each model is randomly initialised from a small config (the real ones are GB-siz
 built locally (open_clip's bundled CLIP BPE, a small BERT WordPiece vocabulary). Each adapter is compared with the
 library's own scoring call on the same model, and its image gradient with central finite differences in float64.
 """
-import functools
 import os
 import pathlib
 import subprocess
@@ -15,9 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from mfm_fast.reward_models import (AestheticModel, CLIPScoreModel, HPSv2Model, ImageRewardModel, PickScoreModel,
-                                    _require, aesthetic_reward, blip_tokenizer_loader, build_scorers, clip_preprocess,
+                                    _require, aesthetic_reward, build_scorers, clip_preprocess,
                                     clip_reward, hpsv2_reward, image_reward, parse_reward_spec, pickscore_reward,
                                     score_images)
+
+from tiny_rewards import shrink_imagereward
 
 PROMPTS = ["A high-quality, high-resolution photograph of a tabby cat.", "a photo of a golden retriever"]
 BERT_WORDS = ["a", "high", "-", "quality", ",", "resolution", "photograph", "of", "tabby", "cat", ".", "photo",
@@ -249,20 +250,7 @@ def test_hpsv2_factory_loads_local_weights_without_downloading(tmp_path, tiny_op
 def tiny_imagereward(monkeypatch, bert_tokenizer_dir):
     """imscore's ImageReward with its real classes at small sizes: BLIP's ViT one block wide 64, its BERT one layer
     (the MLP head fixes the text width at 768), and the local BERT tokenizer in place of the hub's."""
-    lib = _require("imscore.imreward.model", "imscore", "test")
-    vit, blip, bert_config = lib.VisionTransformer, lib.BLIP, lib.BertConfig
-
-    class SmallBertConfig:
-        @staticmethod
-        def from_dict(config):
-            return bert_config.from_dict({**config, "num_hidden_layers": 1, "intermediate_size": 64,
-                                          "vocab_size": 32})
-
-    monkeypatch.setattr(lib, "VisionTransformer", lambda **kw: vit(**{**kw, "depth": 1, "num_heads": 4}))
-    monkeypatch.setattr(lib, "BLIP", functools.partial(blip, vision_width=64))
-    monkeypatch.setattr(lib, "BertConfig", SmallBertConfig)
-    monkeypatch.setattr(lib, "BertTokenizer", blip_tokenizer_loader(bert_tokenizer_dir))
-    return lib
+    return shrink_imagereward(monkeypatch, _require("imscore.imreward.model", "imscore", "test"), bert_tokenizer_dir)
 
 
 def test_imagereward_matches_imscore_score(tiny_imagereward):
