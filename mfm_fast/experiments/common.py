@@ -168,6 +168,36 @@ def paper_problem(device, lam: float = 1.0) -> Problem:
 QUICK_BUDGET = {"steps": 600, "batch": 256, "rollout_bank": 4096}  # smoke tests: seconds of training, a rough model
 
 
+def recipe_cache_path(prefix: str, spec: dict) -> Path:
+    """Where a model trained by a recipe is cached: keyed by the whole `Recipe.spec()`, so that any change to what
+    the recipe trains trains afresh."""
+    import hashlib
+    import json
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return cache_dir() / f"{prefix}_{key}.pt"
+
+
+def save_recipe_model(result, path: Path, spec: dict, seconds: float) -> None:
+    """The trained MFM (and its EMA) at `path`, with the recipe that made it and its training time."""
+    import json
+
+    from ..train import save
+    save(result.model, str(path), ema=result.ema, recipe=json.loads(json.dumps(spec, default=str)),
+         train_seconds=seconds)
+
+
+def cached_train_seconds(path: Path) -> float:
+    """The training time recorded by `save_recipe_model` (NaN if none)."""
+    from ..train import read_checkpoint
+    return float(read_checkpoint(str(path))["extra"].get("train_seconds", float("nan")))
+
+
+def recipe_steps(recipe, result, teacher) -> str:
+    """"teacher S × B + MFM S × B" of a finished `train_recipe` run."""
+    return (f"teacher {teacher.step} × {recipe.teacher_train.batch} + " if teacher is not None else "") + \
+        f"MFM {result.step} × {recipe.train.batch}"
+
+
 def gmm_mfm(device, quick: bool = False, retrain: bool = False, progress: bool = True, steps: Optional[int] = None,
             batch: Optional[int] = None, recipe=None, return_seconds: bool = False):
     """The GMM Meta Flow Map trained with `recipe` (default `train.gmm_defaults()`: a flow-matching teacher, then
@@ -175,11 +205,9 @@ def gmm_mfm(device, quick: bool = False, retrain: bool = False, progress: bool =
     cached under cache_dir() by the whole recipe. Returns (model in eval mode on device, one-line description),
     and the training time in seconds (recorded in the cached checkpoint) if `return_seconds`."""
     import dataclasses
-    import hashlib
-    import json
 
     from ..data import paper_gmm
-    from ..train import gmm_defaults, load, save, train_recipe
+    from ..train import gmm_defaults, load, train_recipe
     recipe = dataclasses.replace(recipe or gmm_defaults())
     budget = QUICK_BUDGET if quick else {}
     recipe.train = dataclasses.replace(recipe.train, **budget, **{k: v for k, v in (("steps", steps),
@@ -187,14 +215,10 @@ def gmm_mfm(device, quick: bool = False, retrain: bool = False, progress: bool =
     if recipe.teacher_train is not None and quick:
         recipe.teacher_train = dataclasses.replace(recipe.teacher_train, **QUICK_BUDGET)
     spec = recipe.spec()
-    key = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = cache_dir() / f"gmm_mfm_{key}.pt"
+    path = recipe_cache_path("gmm_mfm", spec)
     if path.exists() and not retrain:
         model, info = load(str(path), map_location=device), f"reusing the cached GMM MFM {path}"
-        if return_seconds:
-            from ..train import read_checkpoint
-            return model, info, float(read_checkpoint(str(path))["extra"].get("train_seconds", float("nan")))
-        return model, info
+        return (model, info, cached_train_seconds(path)) if return_seconds else (model, info)
     gmm = paper_gmm(dtype=torch.float32)
     what = {"learned": "a flow-matching teacher, then the MFM distilled from it", "exact": "the MFM distilled from "
             "the exact drift", "none": "the MFM from data"}[recipe.teacher]
@@ -202,12 +226,9 @@ def gmm_mfm(device, quick: bool = False, retrain: bool = False, progress: bool =
     with timer(device) as elapsed:
         result, teacher = train_recipe(recipe, gmm.sample, exact_drift=gmm.to(device=device).drift,
                                        progress=progress, device=str(device))
-    save(result.model, str(path), ema=result.ema, recipe=json.loads(json.dumps(spec, default=str)),
-         train_seconds=elapsed())
+    save_recipe_model(result, path, spec, elapsed())
     model = result.ema.to(device).eval()
-    steps_txt = (f"teacher {teacher.step} × {recipe.teacher_train.batch} + " if teacher is not None else "") + \
-        f"MFM {result.step} × {recipe.train.batch}"
-    info = f"trained the GMM MFM ({steps_txt} steps, {elapsed():.0f} s) -> {path}"
+    info = f"trained the GMM MFM ({recipe_steps(recipe, result, teacher)} steps, {elapsed():.0f} s) -> {path}"
     return (model, info, elapsed()) if return_seconds else (model, info)
 
 

@@ -27,8 +27,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .common import (cache_dir, experiment_parser, MethodSpec, out_dir, positive_int, pyplot,
-                     resolve_device, run_method, timer, write_table)
+from .common import (cache_dir, cached_train_seconds, experiment_parser, MethodSpec, out_dir, positive_int, pyplot,
+                     recipe_cache_path, recipe_steps, resolve_device, run_method, save_recipe_model, timer,
+                     write_table)
 
 WEIGHTS = (0, 1, 0, 1, 0, 2, 0, 2, 0, 4)
 
@@ -93,7 +94,7 @@ def digits_mfm(device, steps: Optional[int] = None, batch: Optional[int] = None,
     from its last checkpoint if interrupted. Returns (MFM in eval mode, teacher in eval mode or None, one-line
     description, training seconds)."""
     from ..data import load_digits
-    from ..train import dataset_sampler, digits_defaults, load, read_checkpoint, save, teacher_path, train_recipe
+    from ..train import dataset_sampler, digits_defaults, load, teacher_path, train_recipe
     recipe = dataclasses.replace(recipe or digits_defaults())
     over = dict(DIGITS_QUICK) if quick else {}
     over.update({k: v for k, v in (("steps", steps), ("batch", batch)) if v is not None})
@@ -104,18 +105,16 @@ def digits_mfm(device, steps: Optional[int] = None, batch: Optional[int] = None,
         recipe.teacher_train = dataclasses.replace(
             recipe.teacher_train, **{k: v for k, v in over.items() if not k.startswith("rollout")})
     spec = recipe.spec()
-    key = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = cache_dir() / f"digits_mfm_{key}.pt"
-    run = cache_dir() / f"digits_mfm_{key}.run.pt"  # resumable training state; the teacher lies beside it
+    path = recipe_cache_path("digits_mfm", spec)
+    run = path.with_suffix(".run.pt")  # resumable training state; the teacher lies beside it
 
     def teacher_model():
         tp = teacher_path(str(run))
         return load(tp, map_location=device).eval() if recipe.teacher == "learned" else None
 
     if path.exists() and not retrain:
-        seconds = float(read_checkpoint(str(path))["extra"].get("train_seconds", float("nan")))
         return load(str(path), map_location=device).eval(), teacher_model(), \
-            f"reusing the cached digits MFM {path}", seconds
+            f"reusing the cached digits MFM {path}", cached_train_seconds(path)
     images, _ = load_digits()
     what = {"learned": "a flow-matching teacher, then the MFM distilled from it", "none": "the MFM from data"}
     print(f"training the digits MFM ({what[recipe.teacher]}; cached afterwards in {path})", flush=True)
@@ -123,12 +122,9 @@ def digits_mfm(device, steps: Optional[int] = None, batch: Optional[int] = None,
         result, teacher = train_recipe(recipe, dataset_sampler(images), out=str(run), resume=not retrain,
                                        progress=progress, device=str(device), impl=impl)
     seconds = elapsed()  # of this session only, when resumed
-    save(result.model, str(path), ema=result.ema, recipe=json.loads(json.dumps(spec, default=str)),
-         train_seconds=seconds)
-    steps_txt = (f"teacher {teacher.step} × {recipe.teacher_train.batch} + " if teacher is not None else "") + \
-        f"MFM {result.step} × {recipe.train.batch}"
+    save_recipe_model(result, path, spec, seconds)
     return result.ema.to(device).eval(), teacher_model(), \
-        f"trained the digits MFM ({steps_txt} steps, {seconds:.0f} s) -> {path}", seconds
+        f"trained the digits MFM ({recipe_steps(recipe, result, teacher)} steps, {seconds:.0f} s) -> {path}", seconds
 
 
 def class_histogram(classifier, x) -> torch.Tensor:
