@@ -89,6 +89,26 @@ def test_experiment_finetune_gmm_quick(tmp_path, cache, monkeypatch):
     assert end < start, (start, end)
 
 
+def test_experiment_estimators_quick(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("MFM_FAST_CACHE", str(cache))
+    assert main(["experiment", "estimators", "--quick", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    for name in ("estimators.md", "estimators.csv", "estimators.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    with open(tmp_path / "estimators.csv") as f:
+        rows = {(r["estimator"], r["states"], r["N"]): r for r in csv.DictReader(f)}
+    assert len(rows) == 2 * 2 * 2  # MFM-G / MFM-GF × p*_t / p_t × N ∈ {1, 8}
+    for law in ("p*_t", "p_t"):
+        # the exact-posterior expectations are model-free: MFM-G at N = 1 is ∇E[λ·r], far above ∇V on this
+        # sharp reward, and closer at N = 8; MFM-GF's two terms cancel at N = 1
+        g1, g8 = (float(rows[("MFM-G", law, n)]["|E g|/|∇V| exact post."]) for n in ("1", "8"))
+        assert g1 > 5 and 1 < g8 < g1, (law, g1, g8)
+        assert float(rows[("MFM-GF", law, "1")]["|E g|/|∇V| exact post."]) == 0.0
+        assert 0.2 < float(rows[("MFM-GF", law, "8")]["|E g|/|∇V| exact post."]) < 1.2
+        assert all(float(v) >= 0 for r in rows.values() for k, v in r.items() if k not in ("estimator", "states"))
+    with pytest.raises(SystemExit):
+        main(["experiment", "estimators", "--quick", "--ts", "1.0"])
+
+
 def test_experiment_dispatch_errors(capsys):
     assert main(["experiment", "nope"]) == 2
     assert main(["experiment", "--help"]) == 0
