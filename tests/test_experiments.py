@@ -45,6 +45,24 @@ def test_demo_quick(tmp_path, cache, monkeypatch):
     assert rows["MFM-G"]["paper NFE"] == rows["MFM-G, exact posterior"]["paper NFE"]
 
 
+def test_demo_methods_subset(tmp_path, cache, monkeypatch):
+    """--methods runs a subset; each row has its own random stream, so a row is the same whatever else ran."""
+    monkeypatch.setenv("MFM_FAST_CACHE", str(cache))
+    both, one = tmp_path / "both", tmp_path / "one"
+    assert main(["demo", "--quick", "--out", str(both), "--device", "cpu", "--methods", "mfm-gf,best-of-n"]) == 0
+    assert main(["demo", "--quick", "--out", str(one), "--device", "cpu", "--methods", "best-of-n"]) == 0
+    rows_both, rows_one = read_rows(both / "demo.csv"), read_rows(one / "demo.csv")
+    floor = "exact target (2nd draw: noise floor)"
+    assert sorted(rows_both) == sorted(["MFM-GF", "Best-of-N", floor]) and sorted(rows_one) == ["Best-of-N", floor]
+    for key in ("sliced-W2", "mean reward"):
+        assert rows_both["Best-of-N"][key] == rows_one["Best-of-N"][key]
+    for bad in ("nope", "mfm-g,nope", ""):
+        with pytest.raises(SystemExit):
+            main(["demo", "--quick", "--out", str(tmp_path), "--methods", bad])
+    with pytest.raises(SystemExit):  # the exact MFM-G row is refused above its N limit
+        main(["demo", "--quick", "--out", str(tmp_path), "--methods", "mfm-g-exact", "--particles", "64"])
+
+
 def test_experiment_posterior_quick(tmp_path, cache, monkeypatch):
     from mfm_fast.experiments.posterior import recipes
     assert not any("," in name for name in recipes())  # --recipes is comma-separated

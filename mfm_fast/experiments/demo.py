@@ -9,6 +9,7 @@ demo.md / demo.csv and demo.png (base samples, exact target, steered samples) in
 """
 from __future__ import annotations
 
+import hashlib
 import time
 
 import torch
@@ -34,21 +35,30 @@ COLUMNS = ["method", "N", "sliced-W2", "MMD²", "mean reward", "far %", "fwd eva
 EXACT_G_MAX = 16  # the exact MFM-G row's GLASS rollout costs 64 drift calls per particle: skipped above this N
 
 
-def demo_methods(n: int, n_smc: int) -> list:
-    """The samplers compared, with n one-step samples per state (value estimators) or candidates (Best-of-N).
+def demo_methods(n: int, n_smc: int) -> dict:
+    """The samplers compared, by key (`--methods`), with n one-step samples per state (value estimators) or
+    candidates (Best-of-N).
 
     SMC gets its own n_smc: its weights use the estimated value V̂ itself, not only its gradient, and with few
     samples the noise of V̂ degenerates the weights (the population collapses onto one mode)."""
-    return [
-        MethodSpec("base (no steering)", "none"),
-        MethodSpec("MFM-G", "mfm-g", n),
-        MethodSpec("MFM-GF", "mfm-gf", n),
-        *([MethodSpec("MFM-G, exact posterior", "mfm-g", n, exact=True)] if n <= EXACT_G_MAX else []),
-        MethodSpec("MFM-GF, exact posterior", "mfm-gf", n, exact=True),
-        MethodSpec("DPS", "dps"),
-        MethodSpec("SMC (MFM-G twist)", "smc", n_smc),
-        MethodSpec("Best-of-N", "best-of-n", n),
-    ]
+    specs = {
+        "base": MethodSpec("base (no steering)", "none"),
+        "mfm-g": MethodSpec("MFM-G", "mfm-g", n),
+        "mfm-gf": MethodSpec("MFM-GF", "mfm-gf", n),
+        "mfm-g-exact": MethodSpec("MFM-G, exact posterior", "mfm-g", n, exact=True),
+        "mfm-gf-exact": MethodSpec("MFM-GF, exact posterior", "mfm-gf", n, exact=True),
+        "dps": MethodSpec("DPS", "dps"),
+        "smc": MethodSpec("SMC (MFM-G twist)", "smc", n_smc),
+        "best-of-n": MethodSpec("Best-of-N", "best-of-n", n),
+    }
+    if n > EXACT_G_MAX:
+        del specs["mfm-g-exact"]
+    return specs
+
+
+def method_seed(seed: int, key: str) -> int:
+    """Each sampler's own random stream, so that a row does not depend on which other rows ran (`--methods`)."""
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:12], 16)
 
 
 def main(argv=None) -> int:
@@ -61,6 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--particles", type=positive_int, default=None, help="N: particles / candidates (default 8; quick: 4)")
     p.add_argument("--smc-particles", type=positive_int, default=None,
                    help="one-step samples per state for SMC's value estimate (default 64; quick: 8)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of the rows (default: all): " + ",".join(demo_methods(2, 2)))
     args = p.parse_args(argv)
 
     t_begin = time.perf_counter()
@@ -71,6 +83,15 @@ def main(argv=None) -> int:
     steps = args.steps if args.steps is not None else (50 if quick else 100)
     n = args.particles if args.particles is not None else (4 if quick else 8)
     n_smc = args.smc_particles if args.smc_particles is not None else (8 if quick else 64)
+    specs = demo_methods(n, n_smc)
+    if args.methods is not None:
+        keys = [k.strip() for k in args.methods.split(",") if k.strip()]
+        unknown = [k for k in keys if k not in demo_methods(2, 2)]
+        if unknown or not keys:
+            p.error(f"--methods: unknown {unknown or args.methods!r}; choose from {','.join(demo_methods(2, 2))}")
+        if "mfm-g-exact" in keys and "mfm-g-exact" not in specs:
+            p.error(f"--methods: mfm-g-exact runs only for N <= {EXACT_G_MAX} (its GLASS rollout is costly)")
+        specs = {k: specs[k] for k in keys}
     print(f"mfm_fast demo on {device}: {n_samples} samples per method, K = {steps} Euler steps, N = {n} "
           f"(SMC: {n_smc})", flush=True)
 
@@ -83,8 +104,9 @@ def main(argv=None) -> int:
     noise = torch.randn(n_samples, 2, generator=gen, device=device)
 
     rows, panels = [], [("exact tilted target", target)]
-    for spec in demo_methods(n, n_smc):
-        row, res = run_scored(model, prob, noise, spec, steps, gen, target, args.seed, 8 if quick else 32)
+    for key, spec in specs.items():
+        own = torch.Generator(device=device).manual_seed(method_seed(args.seed, key))
+        row, res = run_scored(model, prob, noise, spec, steps, own, target, args.seed, 8 if quick else 32)
         rows.append(row)
         if res is None:
             continue
