@@ -6,6 +6,11 @@ V̂ = logsumexp_i λ·r(x̂_i) − log N. Its gradient:
             network's context input x with ε fixed.
 - "mfm-gf": ∇̂V = t/(1−t)²·(Σ_i w_i x̂_i − (1/N)·Σ_i x̂_i), no reward gradient (Tweedie-type identity).
 
+Both are consistent as N → ∞, not unbiased at a finite N. "mfm-g" is unbiased for ∇V_N, the gradient of the
+importance-weighted bound V_N = E[V̂] ≤ V (V_1 = E[λ·r]); for a reward sharp against the posterior's spread it
+over-steers until N is large. That expectation depends only on the law of the samples, so no posterior model,
+learned or exact, removes it (`python -m mfm_fast experiment estimators` measures both estimators' expectations).
+
 All particles of all states run as one batch of B·N rows (particle groups: B context rows, B·N transported rows).
 `chunk_size` bounds the rows per network call without changing the result: the noise is drawn once up front, the
 (state, particle) grid is cut into blocks, and the per-block log-sum-exps and gradients are combined exactly.

@@ -43,6 +43,8 @@ def test_demo_quick(tmp_path, cache, monkeypatch):
     assert w2["MFM-GF, exact posterior"] < 0.7 * base, w2
     assert reward["MFM-G, exact posterior"] > reward["base (no steering)"] + 10, reward
     assert rows["MFM-G"]["paper NFE"] == rows["MFM-G, exact posterior"]["paper NFE"]
+    for oracle in ("exact ∇V (oracle), unclamped", "exact ∇V (oracle), (1−t)/t ≤ 25"):
+        assert w2[oracle] < 0.5 * base and reward[oracle] > reward["base (no steering)"] + 10, (oracle, w2, reward)
 
 
 def test_demo_methods_subset(tmp_path, cache, monkeypatch):
@@ -212,3 +214,21 @@ def test_experiment_digits_quick(tmp_path, monkeypatch):
     assert {float(r["λ"]) for r in claim if r["method"] == "MFM-G N=1" and r["renorm"] == "rescale"} == {1.0, 2.5, 5.0}
     assert {float(r["λ"]) for r in claim if r["method"] == "MFM-G N=1" and r["renorm"] == "none"} == {1.0}
     assert (tmp_path / "cache").is_dir() and any((tmp_path / "cache").glob("digits_mfm_*.teacher.pt"))
+
+
+def test_exact_doob_oracle_reaches_the_tilted_target():
+    """The demo's oracle rows: the Doob ODE with the closed-form ∇V lands on the exact tilted target (its
+    sliced-W2 near the floor of a second exact draw), so the rows measure what a perfect estimator reaches."""
+    from mfm_fast.experiments.common import distances, paper_problem
+    from mfm_fast.experiments.demo import exact_doob
+    prob = paper_problem("cpu")
+    gen = torch.Generator().manual_seed(0)
+    target = prob.tilted.sample(2048, generator=gen)
+    noise = torch.randn(2048, 2, generator=gen)
+    floor = distances(prob.tilted.sample(2048, generator=gen), target)["sliced-W2"]
+    base = distances(noise, target)["sliced-W2"]
+    x = exact_doob(prob, noise, 200)
+    assert distances(x, target)["sliced-W2"] < 1.5 * floor < 0.2 * base
+    assert abs(prob.reward(x).mean() - prob.reward(target).mean()) < 0.1
+    clamped = exact_doob(prob, noise, 200, clamp_ratio=25.0)
+    assert (clamped - x).abs().max() > 1e-3  # the clamp acts (early, where (1−t)/t > 25)

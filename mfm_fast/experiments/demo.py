@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import Optional
 
 import torch
 
@@ -25,6 +26,7 @@ from .common import (
     run_scored,
     scatter_panels,
     score_rows,
+    timer,
     write_table,
 )
 
@@ -50,10 +52,30 @@ def demo_methods(n: int, n_smc: int) -> dict:
         "dps": MethodSpec("DPS", "dps"),
         "smc": MethodSpec("SMC (MFM-G twist)", "smc", n_smc),
         "best-of-n": MethodSpec("Best-of-N", "best-of-n", n),
+        # a perfect value gradient in the same Euler loop: unclamped like MFM-GF's term, clamped like MFM-G's/DPS's
+        "exact-grad": MethodSpec("exact ∇V (oracle), unclamped", "exact"),
+        "exact-grad-clamped": MethodSpec("exact ∇V (oracle), (1−t)/t ≤ 25", "exact"),
     }
     if n > EXACT_G_MAX:
         del specs["mfm-g-exact"]
     return specs
+
+
+def exact_doob(prob, noise: torch.Tensor, steps: int, t_start: float = 0.01, clamp_ratio: Optional[float] = None):
+    """The steering ODE of the Doob rows (same Euler grid; (1−t)/t clamped at `clamp_ratio` as `steer` does for
+    MFM-G and DPS, None: unclamped, as for MFM-GF's term) with the mixture's closed-form drift and ∇V_t: what a
+    perfect value-gradient estimator would reach at this K."""
+    from ..interpolant import time_grid
+    from ..steps import steer_ratio
+    gmm = prob.gmm.to(dtype=torch.float64, device=noise.device)
+    A, y, sigma = prob.reward.A, prob.reward.y, prob.reward.sigma
+    grid = time_grid(t_start, steps, noise).double()
+    x = noise.double()
+    for k in range(steps):
+        t = grid[k].expand(x.shape[0])
+        x = x + (grid[k + 1] - grid[k]) * (gmm.drift(t, x) + steer_ratio(t[:, None], clamp_ratio)
+                                          * gmm.value_grad(t, x, A, y, sigma, prob.lam))
+    return x.to(noise.dtype)
 
 
 def method_seed(seed: int, key: str) -> int:
@@ -105,6 +127,12 @@ def main(argv=None) -> int:
 
     rows, panels = [], [("exact tilted target", target)]
     for key, spec in specs.items():
+        if key.startswith("exact-grad"):
+            with timer(device) as elapsed:
+                samples = exact_doob(prob, noise, steps, clamp_ratio=25.0 if key.endswith("clamped") else None)
+            rows.append(score_rows(spec, None, elapsed(), target, samples=samples, reward=prob.reward))
+            panels.append((spec.label, samples))
+            continue
         own = torch.Generator(device=device).manual_seed(method_seed(args.seed, key))
         row, res = run_scored(model, prob, noise, spec, steps, own, target, args.seed, 8 if quick else 32)
         rows.append(row)
