@@ -281,6 +281,9 @@ def steer_parser() -> argparse.ArgumentParser:
     ap.add_argument("--posterior-steps", type=int, default=1,
                     help="flow-map steps per posterior sample in the value estimator (1: one step; m: the m-step "
                          "composed map, m times the cost, counted in the NFE)")
+    ap.add_argument("--jackknife", action="store_true",
+                    help="jackknifed particle weights in the value estimator (needs --particles >= 2): removes "
+                         "the O(1/N) bias of the softmax weights at no extra network work")
     ap.add_argument("--best-of", type=int, default=1,
                     help="Best-of-N: N candidates per output sample (global indices), the highest reward kept "
                          "(with --method none: the Best-of-N baseline)")
@@ -322,7 +325,8 @@ def steer_main(argv=None) -> int:
                                  context=lambda: _autocast(args, device), steps=args.steps, method=args.method,
                                  n_particles=args.particles, lam=args.lam, sde=args.sde,
                                  renorm=None if args.renorm == "none" else args.renorm, t_start=args.t_start,
-                                 chunk_size=args.chunk_size, posterior_steps=args.posterior_steps)
+                                 chunk_size=args.chunk_size, posterior_steps=args.posterior_steps,
+                                 jackknife=args.jackknife)
         make_shard = scored_shard(make_shard, scorers, prompts)
 
         nfe = paper_nfe(args.method, args.steps, args.particles, posterior_steps=args.posterior_steps)

@@ -24,7 +24,7 @@ import torch
 from .interpolant import time_grid
 from .rewards import CheckedReward, as_reward
 from .steps import check_steer_args, finish, make_step, paper_nfe, progress_bar
-from .value import Cost, CountedModel, CountedReward
+from .value import Cost, CountedModel, CountedReward, check_jackknife
 
 GRAPH_METHODS = ("none", "mfm-g", "mfm-gf", "dps")
 
@@ -229,7 +229,8 @@ def steer_graphed(model, reward, noise: torch.Tensor, steps: int = 250, method: 
                   n_particles: int = 1, lam: float = 1.0, sde: bool = False, renorm: Optional[str] = None,
                   t_start: float = 0.01, generator: Optional[torch.Generator] = None, return_result: bool = False, *,
                   renorm_scale: float = 1.0, clamp_ratio: Optional[float] = 25.0, chunk_size: Optional[int] = None,
-                  progress: Optional[bool] = None, warmup: int = 2, posterior_steps: int = 1, **kwargs):
+                  progress: Optional[bool] = None, warmup: int = 2, posterior_steps: int = 1,
+                  jackknife: bool = False, **kwargs):
     """`steer` with each step replayed from one CUDA graph; same arguments, same results for the same seed.
 
     Supports methods "none", "mfm-g", "mfm-gf", "dps" (ODE or SDE, with renorm). Raises GraphCaptureError when
@@ -241,6 +242,7 @@ def steer_graphed(model, reward, noise: torch.Tensor, steps: int = 250, method: 
     cond = {k: v for k, v in kwargs.items() if k not in sampler_only}
     t_start, lam, renorm_scale, chunk_size = check_steer_args(model, noise, steps, t_start, method, n_particles,
                                                               lam, renorm, renorm_scale, clamp_ratio, chunk_size)
+    check_jackknife(jackknife, n_particles if method in ("mfm-g", "mfm-gf") else 2)
     if method not in GRAPH_METHODS:
         raise GraphCaptureError(f"method {method!r} is not captured (its sampler reads values on the host); "
                                 f"graphed methods: {GRAPH_METHODS}")
@@ -250,7 +252,8 @@ def steer_graphed(model, reward, noise: torch.Tensor, steps: int = 250, method: 
     B = noise.shape[0]
     grid = time_grid(t_start, steps, noise)
     step_kw = dict(method=method, sde=sde, lam=lam, renorm=renorm, renorm_scale=renorm_scale,
-                   clamp_ratio=clamp_ratio, chunk_size=chunk_size, cond=cond, posterior_steps=posterior_steps)
+                   clamp_ratio=clamp_ratio, chunk_size=chunk_size, cond=cond, posterior_steps=posterior_steps,
+                   jackknife=jackknife)
     # one step's work is counted while it is captured; every replay repeats exactly that work
     per_step = Cost()
 

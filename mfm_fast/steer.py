@@ -35,7 +35,7 @@ from .sampling import Generators, check_generators, rand_groups, randn_rows
 from .steps import (METHODS, RENORMS, SteerResult, base_drift, bcast_t, check_clamp, check_common, check_steer_args,
                     dps_grad, finish, full_t, guided_drift, make_step, paper_nfe, progress_bar, renormalise,
                     steer_ratio, steer_step)
-from .value import Cost, CountedModel, CountedReward, check_estimator, check_pathwise, estimate
+from .value import Cost, CountedModel, CountedReward, check_estimator, check_jackknife, check_pathwise, estimate
 
 # the step functions and checks live in mfm_fast.steps (shared with mfm_fast.graphs); they are part of this API too
 __all__ = ["METHODS", "RENORMS", "SEARCH_MODES", "SEARCH_GRID_POWER", "SteerResult", "base_drift", "best_of_n",
@@ -117,7 +117,8 @@ def _run_search(model, reward, x, grid, n_particles, mode, population, generator
 
 
 def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, chunk_size, population,
-             ess_threshold, generator, progress, cond, posterior_steps=1, renorm=None, renorm_scale=1.0):
+             ess_threshold, generator, progress, cond, posterior_steps=1, renorm=None, renorm_scale=1.0,
+             jackknife=False):
     """Twisted SMC (TDS-style) on the Euler–Maruyama chain of the base SDE.
 
     Proposal q: the Doob-steered Euler–Maruyama step with ∇̂V; base transition p: the same step without ∇̂V (same
@@ -134,7 +135,8 @@ def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, c
 
     def value(t, x_):
         eps = _randn((B, n_particles, *ev), x_, generator)
-        return estimate(model, reward, full_t(t, x_), x_, eps, estimator, lam, chunk_size, cond, posterior_steps)
+        return estimate(model, reward, full_t(t, x_), x_, eps, estimator, lam, chunk_size, cond, posterior_steps,
+                        jackknife)
 
     V, g = value(grid[0], x)
     log_w = V.clone()
@@ -212,7 +214,8 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
           generator: Generators = None, graph: bool = False, return_result: bool = False, *,
           renorm_scale: float = 1.0, clamp_ratio: Optional[float] = 25.0, chunk_size: Optional[int] = None,
           search_mode: str = "particle", population: Optional[int] = None, smc_estimator: str = "mfm-g",
-          ess_threshold: float = 0.5, progress: Optional[bool] = None, posterior_steps: int = 1, **cond):
+          ess_threshold: float = 0.5, progress: Optional[bool] = None, posterior_steps: int = 1,
+          jackknife: bool = False, **cond):
     """Reward-steered samples (B, *event) from `noise` (B, *event) at t_start, or a `SteerResult`.
 
     method: "none" | "mfm-g" | "mfm-gf" | "dps" (Doob ODE, or SDE if `sde`; module docstring) | "search" |
@@ -231,6 +234,9 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
     drawn from generator[i] alone, so a row's randomness does not depend on the rest of the batch.
     `posterior_steps` = m: the value estimators (MFM-G, MFM-GF, SMC's) draw each one-step sample with the m-step
     composed flow map, m network calls per particle (counted, and in the paper NFE).
+    `jackknife=True` (N ≥ 2; MFM-G, MFM-GF, SMC): the value estimators use `value.jackknife_weights` instead of the
+    softmax, removing the O(1/N) bias that makes MFM-G over-steer and MFM-GF under-steer at small N, at no extra
+    network work unless `chunk_size` splits a state's particles (`value.value_and_grad`).
     """
     t_start, lam, renorm_scale, chunk_size = check_steer_args(model, noise, steps, t_start, method, n_particles, lam,
                                                               renorm, renorm_scale, clamp_ratio, chunk_size)
@@ -243,6 +249,10 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
         _check_population_cond(method, population, cond, noise.shape[0])
     check_estimator("smc_estimator", smc_estimator)
     posterior_steps = check_positive_int("posterior_steps", posterior_steps)
+    if jackknife and method not in ("mfm-g", "mfm-gf", "smc"):
+        raise ValueError(f"jackknife applies to the value estimators (methods 'mfm-g', 'mfm-gf', 'smc'), got "
+                         f"method {method!r}")
+    check_jackknife(jackknife, n_particles)
     if method in ("mfm-g", "mfm-gf") or method == "smc":
         check_pathwise(model, method if method != "smc" else smc_estimator)
     ess_threshold = check_finite_scalar("ess_threshold", ess_threshold)
@@ -258,7 +268,7 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
                       t_start=t_start, generator=generator, return_result=return_result, renorm_scale=renorm_scale,
                       clamp_ratio=clamp_ratio, chunk_size=chunk_size, search_mode=search_mode,
                       population=population, smc_estimator=smc_estimator, ess_threshold=ess_threshold,
-                      progress=progress, posterior_steps=posterior_steps, **cond)
+                      progress=progress, posterior_steps=posterior_steps, jackknife=jackknife, **cond)
         out = _try_graphed(model, reward, noise, kwargs)
         if out is not None:
             return out
@@ -277,11 +287,11 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
             x, parts, log_w, log_z, n_res = _run_smc(cmodel, creward, noise, grid, n_particles, lam, smc_estimator,
                                                      clamp_ratio, chunk_size, population, ess_threshold,
                                                      generator, progress, cond, posterior_steps, renorm,
-                                                     renorm_scale)
+                                                     renorm_scale, jackknife)
             extra = dict(particles=parts, log_weights=log_w, log_normalizer=log_z, n_resamples=n_res)
         else:
             step_kw = dict(lam=lam, renorm=renorm, renorm_scale=renorm_scale, clamp_ratio=clamp_ratio,
-                           chunk_size=chunk_size, cond=cond, posterior_steps=posterior_steps)
+                           chunk_size=chunk_size, cond=cond, posterior_steps=posterior_steps, jackknife=jackknife)
             x = _run_doob(cmodel, creward, noise, grid, method, sde, n_particles, generator, progress, step_kw)
     return finish(x, cost, reward, return_result, **extra)
 

@@ -106,7 +106,7 @@ def dps_grad(model, reward, t: torch.Tensor, x: torch.Tensor, lam: float, cond: 
 
 def guided_drift(model, reward, x, t, eps, *, method: str, sde: bool, lam: float, renorm: Optional[str],
                  renorm_scale: float, clamp_ratio: Optional[float], chunk_size: Optional[int], cond: dict,
-                 posterior_steps: int = 1):
+                 posterior_steps: int = 1, jackknife: bool = False):
     """The steered drift at (t, x). eps (B, N, *event): particle noise for "mfm-g"/"mfm-gf" (else unused)."""
     if method == "dps":
         b, g = dps_grad(model, reward, t, x, lam, cond)
@@ -114,7 +114,8 @@ def guided_drift(model, reward, x, t, eps, *, method: str, sde: bool, lam: float
         b = base_drift(model, t, x, cond)
         g = None
         if method in ("mfm-g", "mfm-gf"):
-            _, g = estimate(model, reward, full_t(t, x), x, eps, method, lam, chunk_size, cond, posterior_steps)
+            _, g = estimate(model, reward, full_t(t, x), x, eps, method, lam, chunk_size, cond, posterior_steps,
+                            jackknife)
     k = bcast_t(steer_ratio(t, clamp_ratio), x)
     if sde:
         tb = bcast_t(t, x)
@@ -142,14 +143,15 @@ def steer_step(model, reward, x, t, dt, eps, xi, *, sde: bool, clamp_ratio: Opti
 
 def make_step(model, reward, *, method: str = "mfm-g", sde: bool = False, lam: float = 1.0,
               renorm: Optional[str] = None, renorm_scale: float = 1.0, clamp_ratio: Optional[float] = 25.0,
-              chunk_size: Optional[int] = None, cond: Optional[dict] = None, posterior_steps: int = 1):
+              chunk_size: Optional[int] = None, cond: Optional[dict] = None, posterior_steps: int = 1,
+              jackknife: bool = False):
     """`step(x, t, dt, eps, xi) -> x_next` for methods "none", "mfm-g", "mfm-gf", "dps": all inputs are tensors
     (t, dt 0-dim or (B,); eps (B, N, *event) or None; xi (B, *event) or None), no host synchronisation."""
     if method not in ("none", "mfm-g", "mfm-gf", "dps"):
         raise ValueError(f"make_step builds Doob/DPS steps only; got method {method!r}")
     return functools.partial(steer_step, model, reward, method=method, sde=sde, lam=lam, renorm=renorm,
                              renorm_scale=renorm_scale, clamp_ratio=clamp_ratio, chunk_size=chunk_size,
-                             cond=cond or {}, posterior_steps=posterior_steps)
+                             cond=cond or {}, posterior_steps=posterior_steps, jackknife=jackknife)
 
 
 # ---------------------------------------------------------------------------------------------- shared by the loops

@@ -140,9 +140,43 @@ def mfmgf_release_ratio(t: torch.Tensor) -> torch.Tensor:
     return (1 - t).clamp_min(ONE_MINUS_T_MIN) / t
 
 
+def _leave_one_out_lse(a: torch.Tensor) -> torch.Tensor:
+    """(B, N): entry j is logsumexp_{k≠j} a_k. From the full logsumexp by log1p(−share_j), which is accurate for
+    every entry whose share is ≤ 1/2; the one entry that may exceed it (the largest) is summed directly."""
+    lse = torch.logsumexp(a, dim=1, keepdim=True)
+    out = lse + torch.log1p(-(a - lse).exp().clamp(max=0.5))
+    top = a.argmax(dim=1, keepdim=True)
+    rest = torch.logsumexp(a.scatter(1, top, float("-inf")), dim=1, keepdim=True)
+    return out.scatter(1, top, rest)
+
+
+def jackknife_weights(r: torch.Tensor) -> torch.Tensor:
+    """(B, N) weights c of the jackknifed estimators from the log-weights r (B, N), N ≥ 2.
+
+    The softmax weights w of the N-sample self-normalised estimate are biased at O(1/N); the jackknife
+    N·(N-sample estimate) − (N−1)·(mean of the N leave-one-out estimates) cancels that order. For an estimate
+    Σ_i w_i f_i it is Σ_i c_i f_i with c_i = N·w_i − ((N−1)/N)·Σ_{j≠i} w_i^(−j), w^(−j) the softmax without
+    particle j; Σ_i c_i = 1, and c_i can be negative. w_i^(−j) = w_i·q_j with q_j = 1/(1 − w_j), computed in log
+    space so that a dominant particle (q_j huge, w_i tiny) stays finite."""
+    N = r.shape[1]
+    lse = torch.logsumexp(r, dim=1, keepdim=True)
+    log_w = r - lse
+    log_q = lse - _leave_one_out_lse(r)  # log 1/(1 − w_j)
+    return N * log_w.exp() - (N - 1) / N * (log_w + _leave_one_out_lse(log_q)).exp()
+
+
+def jackknife_value(r: torch.Tensor) -> torch.Tensor:
+    """(B,) jackknifed log-mean-exp of r (B, N), N ≥ 2: N·V̂_N − (N−1)·mean_j V̂_{N−1}^(−j). Its gradient with
+    respect to the r_i is `jackknife_weights(r)`, so MFM-G seeded with those weights differentiates this value."""
+    N = r.shape[1]
+    full = torch.logsumexp(r, dim=1) - math.log(N)
+    loo = _leave_one_out_lse(r) - math.log(N - 1)
+    return N * full - (N - 1) * loo.mean(dim=1)
+
+
 def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tensor, estimator: str = "mfm-g",
              lam: float = 1.0, chunk_size: Optional[int] = None, cond: Optional[dict] = None,
-             posterior_steps: int = 1):
+             posterior_steps: int = 1, jackknife: bool = False):
     """Unvalidated core of `value_and_grad`: t (B,), x (B, *event), noise (B, N, *event) already drawn.
 
     Performs no host synchronisation, so a steering step built on it can be captured in a CUDA graph.
@@ -159,6 +193,11 @@ def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tenso
     for (i0, i1), pbs in by_states.items():
         sb = slice(i0, i1)
         xs, ts, cs = x[sb].detach(), t[sb], _slice_cond(cond, B, sb)
+        if jackknife:
+            V, g = _jackknife_block(model, reward, ts, xs, noise[sb], pbs, estimator, lam, cs, posterior_steps)
+            values.append(V)
+            grads.append(g)
+            continue
         lse, part = [], []  # per particle block: logsumexp of λr, and its gradient (or weighted/plain sums)
         for pb in pbs:
             eps = noise[sb, pb].reshape(-1, *ev)
@@ -168,10 +207,7 @@ def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tenso
                     xc = xs.clone().requires_grad_(True)
                     x1 = compose_flow_map(model, eps, ts, xc, posterior_steps, **cs)
                     r = (lam * reward(x1)).view(b, p)
-                    if not r.requires_grad:
-                        raise ValueError(f"reward {reward_name(reward)!r}: no gradient reaches the context x; "
-                                         f"estimator 'mfm-g' needs a reward differentiable in its input "
-                                         f"(or use estimator='mfm-gf')")
+                    _require_grad(r, reward)
                     # The backward starts from the log-mean-exp seed ∂V̂/∂r_i = softmax_i(r): one backward pass
                     # through reward and network for all particles of all states at once (the states are
                     # independent rows, so each state's gradient lands in its own row of x).
@@ -200,10 +236,64 @@ def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tenso
     return torch.cat(values), torch.cat(grads).to(x.dtype)
 
 
+def _jackknife_block(model, reward, ts, xs, noise, pbs, estimator, lam, cond, posterior_steps):
+    """(V, ∇V) of one block of states with the jackknifed weights, which need every particle's reward of a state
+    before any gradient: MFM-GF keeps the samples of all particle blocks; MFM-G seeds its backward with the
+    weights directly when one block holds all particles, and otherwise scores the particles in a forward-only
+    pass first (counted in the cost) and then back-propagates each block with its share of the weights."""
+    b, N = noise.shape[:2]
+    ev = xs.shape[1:]
+
+    def sample(pb, xc):
+        return compose_flow_map(model, noise[:, pb].reshape(-1, *ev), ts, xc, posterior_steps, **cond)
+
+    if estimator == "mfm-gf":
+        with torch.no_grad():
+            x1 = torch.cat([sample(pb, xs).view(b, pb.stop - pb.start, *ev) for pb in pbs], dim=1)
+            r = (lam * reward(x1.reshape(b * N, *ev))).view(b, N)
+            c = jackknife_weights(r).view(b, N, *([1] * len(ev)))
+            g = bcast(mfmgf_prefactor(ts), xs) * ((c * x1).sum(1) - x1.mean(1))
+        return jackknife_value(r), g
+    if len(pbs) == 1:
+        with torch.enable_grad():
+            xc = xs.clone().requires_grad_(True)
+            r = (lam * reward(sample(pbs[0], xc))).view(b, N)
+            _require_grad(r, reward)
+            (g,) = torch.autograd.grad(r, xc, grad_outputs=jackknife_weights(r.detach()), allow_unused=True)
+        return jackknife_value(r.detach()), torch.zeros_like(xs) if g is None else g
+    with torch.no_grad():
+        r = torch.cat([(lam * reward(sample(pb, xs))).view(b, -1) for pb in pbs], dim=1)
+    c = jackknife_weights(r)
+    g = torch.zeros_like(xs)
+    for pb in pbs:
+        with torch.enable_grad():
+            xc = xs.clone().requires_grad_(True)
+            rb = (lam * reward(sample(pb, xc))).view(b, -1)
+            _require_grad(rb, reward)
+            (gb,) = torch.autograd.grad(rb, xc, grad_outputs=c[:, pb], allow_unused=True)
+        if gb is not None:
+            g = g + gb
+    return jackknife_value(r), g
+
+
+def _require_grad(r: torch.Tensor, reward) -> None:
+    if not r.requires_grad:
+        raise ValueError(f"reward {reward_name(reward)!r}: no gradient reaches the context x; estimator 'mfm-g' needs "
+                         f"a reward differentiable in its input (or use estimator='mfm-gf')")
+
+
 def check_estimator(name: str, estimator) -> str:
     if estimator not in ESTIMATORS:
         raise ValueError(f"{name} must be one of {ESTIMATORS}, got {estimator!r}")
     return estimator
+
+
+def check_jackknife(jackknife, n_particles: int) -> bool:
+    if not isinstance(jackknife, bool):
+        raise ValueError(f"jackknife must be True or False, got {jackknife!r}")
+    if jackknife and n_particles < 2:
+        raise ValueError(f"jackknife=True needs n_particles >= 2 (it leaves one particle out), got {n_particles}")
+    return jackknife
 
 
 def check_pathwise(model, estimator: str) -> None:
@@ -221,7 +311,7 @@ def check_chunk_size(chunk_size) -> Optional[int]:
 def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimator: str = "mfm-g", lam: float = 1.0,
                    chunk_size: Optional[int] = None, generator: Optional[torch.Generator] = None,
                    noise: Optional[torch.Tensor] = None, return_info: bool = False, posterior_steps: int = 1,
-                   **cond):
+                   jackknife: bool = False, **cond):
     """Value V̂_t(x) and value gradient ∇̂V_t(x) from `n_particles` one-step posterior samples per state.
 
     t: scalar or (B,) in [0, 1]; x: (B, *event). `estimator`: "mfm-g" (reward gradients through the network's
@@ -233,6 +323,9 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     (B·N, *event) with the particles of a state contiguous, used instead of drawing from `generator`.
     `posterior_steps` = m > 1 draws each sample with the m-step composed flow map (m network calls per particle,
     counted in the cost) instead of one jump.
+    `jackknife=True` (N ≥ 2) replaces the softmax weights by `jackknife_weights`, for either estimator: the same
+    samples and network work (plus one forward-only pass when `chunk_size` splits a state's particles), the
+    O(1/N) bias of the self-normalised weights removed; V̂ becomes `jackknife_value`.
     Returns (V (B,), ∇V (x's shape)), or a `ValueResult` with the counted cost if `return_info`.
     """
     check_input("x", x, model)
@@ -240,6 +333,7 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     check_cond_rows(cond, B, "x")
     t = as_time("t", t, B, x)
     N = check_positive_int("n_particles", n_particles)
+    check_jackknife(jackknife, N)
     lam = check_finite_scalar("lam", lam)
     check_estimator("estimator", estimator)
     check_pathwise(model, estimator)
@@ -264,7 +358,7 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     from .memory import recompute_activations
     with recompute_activations(model, enabled=recompute):  # block-level recomputation when chunks would be tiny
         V, g = estimate(CountedModel(model, cost), CountedReward(reward, cost), t, x, noise, estimator, lam,
-                        chunk_size, cond, posterior_steps)
+                        chunk_size, cond, posterior_steps, jackknife)
     if return_info:
         return ValueResult(V, g, cost)
     return V, g

@@ -69,8 +69,10 @@ def iwae_value_grad(gmm, reward, lam: float, t: float, x: torch.Tensor, n: int, 
 
 
 def expected_estimate(model, reward, lam: float, t: float, x: torch.Tensor, n: int, reps: int, estimator: str,
-                      generator: Optional[torch.Generator] = None, chunk_size: Optional[int] = 262144):
-    """(mean, standard error), each (B, d), of `reps` independent ∇̂V estimates per state (n particles each)."""
+                      generator: Optional[torch.Generator] = None, chunk_size: Optional[int] = 262144,
+                      jackknife: bool = False):
+    """(mean, standard error), each (B, d), of `reps` independent ∇̂V estimates per state (n particles each;
+    `jackknife`: the jackknifed weights)."""
     from ..value import value_and_grad
     B, d = x.shape
     mean = torch.zeros(B, d, dtype=torch.float64, device=x.device)
@@ -81,7 +83,7 @@ def expected_estimate(model, reward, lam: float, t: float, x: torch.Tensor, n: i
         k = min(rows, reps - done)
         xs = x.repeat(k, 1)
         _, g = value_and_grad(model, reward, t, xs, n, estimator=estimator, lam=lam, chunk_size=chunk_size,
-                              generator=generator)
+                              generator=generator, jackknife=jackknife)
         g = g.detach().to(torch.float64).view(k, B, d)
         mean += g.sum(0)
         sq += (g ** 2).sum(0)
