@@ -43,6 +43,8 @@ def test_demo_quick(tmp_path, cache, monkeypatch):
     assert w2["MFM-GF, exact posterior"] < 0.7 * base, w2
     assert reward["MFM-G, exact posterior"] > reward["base (no steering)"] + 10, reward
     assert rows["MFM-G"]["paper NFE"] == rows["MFM-G, exact posterior"]["paper NFE"]
+    assert w2["MFM-GF, jackknife, exact posterior"] < 0.7 * base, w2
+    assert reward["MFM-GF, jackknife"] > reward["base (no steering)"] + 10, reward
     for oracle in ("exact ∇V (oracle), unclamped", "exact ∇V (oracle), (1−t)/t ≤ 25"):
         assert w2[oracle] < 0.5 * base and reward[oracle] > reward["base (no steering)"] + 10, (oracle, w2, reward)
 
@@ -63,6 +65,8 @@ def test_demo_methods_subset(tmp_path, cache, monkeypatch):
             main(["demo", "--quick", "--out", str(tmp_path), "--methods", bad])
     with pytest.raises(SystemExit):  # the exact MFM-G row is refused above its N limit
         main(["demo", "--quick", "--out", str(tmp_path), "--methods", "mfm-g-exact", "--particles", "64"])
+    with pytest.raises(SystemExit):  # the jackknife needs two particles
+        main(["demo", "--quick", "--out", str(tmp_path), "--methods", "mfm-gf-jk", "--particles", "1"])
 
 
 def test_experiment_posterior_quick(tmp_path, cache, monkeypatch):
@@ -116,7 +120,8 @@ def test_experiment_estimators_quick(tmp_path, cache, monkeypatch):
         assert (tmp_path / name).stat().st_size > 0
     with open(tmp_path / "estimators.csv") as f:
         rows = {(r["estimator"], r["states"], r["N"]): r for r in csv.DictReader(f)}
-    assert len(rows) == 2 * 2 * 2  # MFM-G / MFM-GF × p*_t / p_t × N ∈ {1, 8}
+    # MFM-G / MFM-GF × p*_t / p_t × N ∈ {1, 8}, and their jackknifed versions at N = 8
+    assert len(rows) == 2 * 2 * 2 + 2 * 2 and ("MFM-GF, jackknife", "p_t", "8") in rows
     for law in ("p*_t", "p_t"):
         # the exact-posterior expectations are model-free: MFM-G at N = 1 is ∇E[λ·r], far above ∇V on this
         # sharp reward, and closer at N = 8; MFM-GF's two terms cancel at N = 1

@@ -7,7 +7,8 @@ estimate of ∇V_N, where
 
 the importance-weighted lower bound of V = V_∞ (V_1 = E[λ·r(X1)]). MFM-GF likewise has a finite-N expectation of
 its own. Both expectations depend only on the law of the posterior samples, not on how a network couples ε to
-them: they are properties of the estimator, which no posterior model — learned or exact — can change.
+them: they are properties of the estimator, which no posterior model — learned or exact — can change. The
+jackknifed weights (`jackknife=True`) cancel the O(1/N) term of that bias; their rows show what is left.
 
 For each estimator, t and N, on states drawn from the tilted marginal p*_t (where a steered sampler should be) and
 from the base marginal p_t, this measures:
@@ -93,9 +94,15 @@ def expected_estimate(model, reward, lam: float, t: float, x: torch.Tensor, n: i
     return mean, (var / reps).sqrt()
 
 
-def bias_rows(model, prob, ts, ns, n_states: int, budget: int, generator, estimators=("mfm-g", "mfm-gf"),
+ESTIMATORS = {"MFM-G": ("mfm-g", False), "MFM-GF": ("mfm-gf", False), "MFM-G, jackknife": ("mfm-g", True),
+              "MFM-GF, jackknife": ("mfm-gf", True)}
+
+
+def bias_rows(model, prob, ts, ns, n_states: int, budget: int, generator, estimators=tuple(ESTIMATORS),
               state_laws=("tilted", "base"), chunk_size: Optional[int] = 262144) -> list:
-    """Rows of the table (COLUMNS). `budget`: posterior samples per state and estimate, so reps = budget // N."""
+    """Rows of the table (COLUMNS). `budget`: posterior samples per state and estimate, so reps = budget // N.
+    `estimators`: keys of ESTIMATORS; the jackknifed ones skip N = 1. The exact-posterior expectation of the
+    jackknifed MFM-G is N·∇V_N − (N−1)·∇V_{N−1}, both by the score-function identity."""
     from ..data import ExactPosteriorMFM
     exact_sampler = ExactPosteriorMFM(prob.gmm, seed=int(torch.randint(0, 2 ** 31, (1,), generator=generator)))
     A, y, sigma = prob.reward.A, prob.reward.y, prob.reward.sigma
@@ -109,18 +116,24 @@ def bias_rows(model, prob, ts, ns, n_states: int, budget: int, generator, estima
             exact = prob.gmm.to(dtype=torch.float64).value_grad(tt, x.double(), A.double(), y.double(), sigma,
                                                                  prob.lam)
             norm = exact.norm().item()
-            for est in estimators:
+            for name in estimators:
+                est, jk = ESTIMATORS[name]
                 for n in ns:
+                    if jk and n < 2:
+                        continue
                     reps = max(2, budget // n)
                     learned, se_l = expected_estimate(model, prob.reward, prob.lam, t, x, n, reps, est, generator,
-                                                      chunk_size)
+                                                      chunk_size, jackknife=jk)
                     if est == "mfm-g":
                         ref, se_r = iwae_value_grad(prob.gmm, prob.reward, prob.lam, t, x, n, reps, generator)
+                        if jk:
+                            ref1, se_1 = iwae_value_grad(prob.gmm, prob.reward, prob.lam, t, x, n - 1, reps, generator)
+                            ref, se_r = n * ref - (n - 1) * ref1, (n ** 2 * se_r ** 2 + (n - 1) ** 2 * se_1 ** 2).sqrt()
                     else:
                         ref, se_r = expected_estimate(exact_sampler, prob.reward, prob.lam, t, x, n, reps, est,
-                                                      generator, chunk_size)
+                                                      generator, chunk_size, jackknife=jk)
                     rows.append({
-                        "estimator": est.upper(), "states": label, "t": t, "N": n,
+                        "estimator": name, "states": label, "t": t, "N": n,
                         "|E g|/|∇V| learned": learned.norm().item() / norm,
                         "|E g|/|∇V| exact post.": ref.norm().item() / norm,
                         "bias learned": (learned - exact).norm().item() / norm,
