@@ -157,21 +157,23 @@ def jackknife_weights(r: torch.Tensor) -> torch.Tensor:
     N·(N-sample estimate) − (N−1)·(mean of the N leave-one-out estimates) cancels that order. For an estimate
     Σ_i w_i f_i it is Σ_i c_i f_i with c_i = N·w_i − ((N−1)/N)·Σ_{j≠i} w_i^(−j), w^(−j) the softmax without
     particle j; Σ_i c_i = 1, and c_i can be negative. w_i^(−j) = w_i·q_j with q_j = 1/(1 − w_j), computed in log
-    space so that a dominant particle (q_j huge, w_i tiny) stays finite."""
+    space so that a dominant particle (q_j huge, w_i tiny) stays finite. Computed in at least float32."""
     N = r.shape[1]
-    lse = torch.logsumexp(r, dim=1, keepdim=True)
-    log_w = r - lse
-    log_q = lse - _leave_one_out_lse(r)  # log 1/(1 − w_j)
-    return N * log_w.exp() - (N - 1) / N * (log_w + _leave_one_out_lse(log_q)).exp()
+    rf = r.to(torch.promote_types(r.dtype, torch.float32))
+    lse = torch.logsumexp(rf, dim=1, keepdim=True)
+    log_w = rf - lse
+    log_q = lse - _leave_one_out_lse(rf)  # log 1/(1 − w_j)
+    return (N * log_w.exp() - (N - 1) / N * (log_w + _leave_one_out_lse(log_q)).exp()).to(r.dtype)
 
 
 def jackknife_value(r: torch.Tensor) -> torch.Tensor:
     """(B,) jackknifed log-mean-exp of r (B, N), N ≥ 2: N·V̂_N − (N−1)·mean_j V̂_{N−1}^(−j). Its gradient with
     respect to the r_i is `jackknife_weights(r)`, so MFM-G seeded with those weights differentiates this value."""
     N = r.shape[1]
-    full = torch.logsumexp(r, dim=1) - math.log(N)
-    loo = _leave_one_out_lse(r) - math.log(N - 1)
-    return N * full - (N - 1) * loo.mean(dim=1)
+    rf = r.to(torch.promote_types(r.dtype, torch.float32))
+    full = torch.logsumexp(rf, dim=1) - math.log(N)
+    loo = _leave_one_out_lse(rf) - math.log(N - 1)
+    return (N * full - (N - 1) * loo.mean(dim=1)).to(r.dtype)
 
 
 def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tensor, estimator: str = "mfm-g",

@@ -137,3 +137,12 @@ def test_steer_with_jackknife_runs_every_value_method():
         plain = steer(model, reward, noise, steps=50, method=method, n_particles=4,
                       generator=torch.Generator().manual_seed(4), progress=False)
         assert (plain - res.samples).abs().max() > 1e-3, method  # the flag reaches the estimator
+
+
+def test_low_precision_rewards_are_weighted_in_float32():
+    r = torch.randn(4, 16, generator=torch.Generator().manual_seed(5)) * 20
+    ref = jackknife_weights(r.double())
+    half = jackknife_weights(r.bfloat16())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), jackknife_weights(r.bfloat16().double()).bfloat16().double())
+    assert (jackknife_weights(r).double() - ref).abs().max() < 1e-5
