@@ -129,7 +129,10 @@ def test_experiment_estimators_quick(tmp_path, cache, monkeypatch):
         assert g1 > 5 and 1 < g8 < g1, (law, g1, g8)
         assert float(rows[("MFM-GF", law, "1")]["|E g|/|∇V| exact post."]) == 0.0
         assert 0.2 < float(rows[("MFM-GF", law, "8")]["|E g|/|∇V| exact post."]) < 1.2
-        assert all(float(v) >= 0 for r in rows.values() for k, v in r.items() if k not in ("estimator", "states"))
+        assert all(float(v) >= 0 for r in rows.values() for k, v in r.items()
+                   if k not in ("estimator", "states") and v != "–")
+        assert rows[("MFM-G, jackknife", law, "8")]["bias exact post."] == "–"
+        assert float(rows[("MFM-G, jackknife", law, "8")]["bias learned"]) > 0
     with pytest.raises(SystemExit):
         main(["experiment", "estimators", "--quick", "--ts", "1.0"])
 
