@@ -24,7 +24,7 @@ import torch
 from .interpolant import time_grid
 from .rewards import CheckedReward, as_reward
 from .steps import check_steer_args, finish, make_step, paper_nfe, progress_bar
-from .value import Cost, CountedModel, CountedReward, check_jackknife
+from .value import Cost, CountedModel, CountedReward
 
 GRAPH_METHODS = ("none", "mfm-g", "mfm-gf", "dps")
 
@@ -241,8 +241,8 @@ def steer_graphed(model, reward, noise: torch.Tensor, steps: int = 250, method: 
     sampler_only = {"search_mode", "population", "smc_estimator", "ess_threshold"}
     cond = {k: v for k, v in kwargs.items() if k not in sampler_only}
     t_start, lam, renorm_scale, chunk_size = check_steer_args(model, noise, steps, t_start, method, n_particles,
-                                                              lam, renorm, renorm_scale, clamp_ratio, chunk_size)
-    check_jackknife(jackknife, n_particles if method in ("mfm-g", "mfm-gf") else 2)
+                                                              lam, renorm, renorm_scale, clamp_ratio, chunk_size,
+                                                              jackknife=jackknife)
     if method not in GRAPH_METHODS:
         raise GraphCaptureError(f"method {method!r} is not captured (its sampler reads values on the host); "
                                 f"graphed methods: {GRAPH_METHODS}")

@@ -35,7 +35,7 @@ from .sampling import Generators, check_generators, rand_groups, randn_rows
 from .steps import (METHODS, RENORMS, SteerResult, base_drift, bcast_t, check_clamp, check_common, check_steer_args,
                     dps_grad, finish, full_t, guided_drift, make_step, paper_nfe, progress_bar, renormalise,
                     steer_ratio, steer_step)
-from .value import Cost, CountedModel, CountedReward, check_estimator, check_jackknife, check_pathwise, estimate
+from .value import Cost, CountedModel, CountedReward, check_estimator, check_pathwise, estimate
 
 # the step functions and checks live in mfm_fast.steps (shared with mfm_fast.graphs); they are part of this API too
 __all__ = ["METHODS", "RENORMS", "SEARCH_MODES", "SEARCH_GRID_POWER", "SteerResult", "base_drift", "best_of_n",
@@ -239,7 +239,8 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
     network work unless `chunk_size` splits a state's particles (`value.value_and_grad`).
     """
     t_start, lam, renorm_scale, chunk_size = check_steer_args(model, noise, steps, t_start, method, n_particles, lam,
-                                                              renorm, renorm_scale, clamp_ratio, chunk_size)
+                                                              renorm, renorm_scale, clamp_ratio, chunk_size,
+                                                              jackknife=jackknife)
     if search_mode not in SEARCH_MODES:
         raise ValueError(f"search_mode must be one of {SEARCH_MODES}, got {search_mode!r}")
     check_cond_rows(cond, noise.shape[0], "noise")
@@ -249,10 +250,6 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
         _check_population_cond(method, population, cond, noise.shape[0])
     check_estimator("smc_estimator", smc_estimator)
     posterior_steps = check_positive_int("posterior_steps", posterior_steps)
-    if jackknife and method not in ("mfm-g", "mfm-gf", "smc"):
-        raise ValueError(f"jackknife applies to the value estimators (methods 'mfm-g', 'mfm-gf', 'smc'), got "
-                         f"method {method!r}")
-    check_jackknife(jackknife, n_particles)
     if method in ("mfm-g", "mfm-gf") or method == "smc":
         check_pathwise(model, method if method != "smc" else smc_estimator)
     ess_threshold = check_finite_scalar("ess_threshold", ess_threshold)

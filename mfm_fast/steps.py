@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ._checks import check_finite_scalar, check_input, check_positive_int
 from .interpolant import time_grid
 from .rewards import reward_name
-from .value import Cost, check_chunk_size, estimate, mfmgf_release_ratio
+from .value import Cost, check_chunk_size, check_jackknife, estimate, mfmgf_release_ratio
 
 METHODS = ("none", "mfm-g", "mfm-gf", "dps", "search", "smc")
 RENORMS = (None, "rescale", "clip")
@@ -189,13 +189,17 @@ def check_common(model, noise, steps, t_start):
 
 
 def check_steer_args(model, noise, steps, t_start, method, n_particles, lam, renorm, renorm_scale, clamp_ratio,
-                     chunk_size, methods=METHODS):
+                     chunk_size, methods=METHODS, jackknife=False):
     """Validate the arguments steer and steer_graphed share -> (t_start, lam, renorm_scale, chunk_size), with
     chunk_size="auto" resolved once per run (static shapes for CUDA graphs)."""
     t_start = check_common(model, noise, steps, t_start)
     if method not in methods:
         raise ValueError(f"method must be one of {methods}, got {method!r}")
     check_positive_int("n_particles", n_particles)
+    if jackknife and method not in ("mfm-g", "mfm-gf", "smc"):
+        raise ValueError(f"jackknife applies to the value estimators (methods 'mfm-g', 'mfm-gf', 'smc'), got "
+                         f"method {method!r}")
+    check_jackknife(jackknife, n_particles)
     lam = check_finite_scalar("lam", lam)
     if renorm not in RENORMS:
         raise ValueError(f"renorm must be one of {RENORMS}, got {renorm!r}")

@@ -7,6 +7,7 @@ import torch
 import pytest
 
 from mfm_fast.data import ExactGaussianMFM
+from mfm_fast.graphs import steer_graphed
 from mfm_fast.experiments.estimators import expected_estimate, iwae_value_grad
 from mfm_fast.rewards import LinearInverseReward
 from mfm_fast.sampling import compose_flow_map
@@ -123,6 +124,8 @@ def test_errors_name_the_argument():
         value_and_grad(model, reward, 0.5, x, 4, jackknife="yes")
     with pytest.raises(ValueError, match="jackknife applies to the value estimators"):
         steer(model, reward, x, steps=2, method="dps", jackknife=True)
+    with pytest.raises(ValueError, match="jackknife applies to the value estimators"):  # the graphed twin too
+        steer_graphed(model, reward, x, steps=2, method="dps", jackknife=True)
     with pytest.raises(ValueError, match="n_particles >= 2"):
         steer(model, reward, x, steps=2, method="mfm-gf", n_particles=1, jackknife=True)
 
