@@ -59,9 +59,10 @@ def demo_methods(n: int, n_smc: int) -> dict:
         "dps": MethodSpec("DPS", "dps"),
         "smc": MethodSpec("SMC (MFM-G twist)", "smc", n_smc),
         "best-of-n": MethodSpec("Best-of-N", "best-of-n", n),
-        # a perfect value gradient in the same Euler loop: unclamped like MFM-GF's term, clamped like MFM-G's/DPS's
-        "exact-grad": MethodSpec("exact ∇V (oracle), unclamped", "exact"),
-        "exact-grad-clamped": MethodSpec("exact ∇V (oracle), (1−t)/t ≤ 25", "exact"),
+        # a perfect value gradient in the same Euler loop (`exact_doob`): unclamped like MFM-GF's term, clamped
+        # like MFM-G's and DPS's
+        "exact-grad": MethodSpec("exact ∇V (oracle), unclamped", "exact", kwargs={"clamp_ratio": None}),
+        "exact-grad-clamped": MethodSpec("exact ∇V (oracle), (1−t)/t ≤ 25", "exact", kwargs={"clamp_ratio": 25.0}),
     }
     if n > EXACT_G_MAX:
         del specs["mfm-g-exact"]
@@ -103,8 +104,9 @@ def main(argv=None) -> int:
     p.add_argument("--particles", type=positive_int, default=None, help="N: particles / candidates (default 8; quick: 4)")
     p.add_argument("--smc-particles", type=positive_int, default=None,
                    help="one-step samples per state for SMC's value estimate (default 64; quick: 8)")
+    known = demo_methods(2, 2)  # every key
     p.add_argument("--methods", default=None,
-                   help="comma-separated subset of the rows (default: all): " + ",".join(demo_methods(2, 2)))
+                   help="comma-separated subset of the rows (default: all): " + ",".join(known))
     args = p.parse_args(argv)
 
     t_begin = time.perf_counter()
@@ -118,9 +120,9 @@ def main(argv=None) -> int:
     specs = demo_methods(n, n_smc)
     if args.methods is not None:
         keys = [k.strip() for k in args.methods.split(",") if k.strip()]
-        unknown = [k for k in keys if k not in demo_methods(2, 2)]
+        unknown = [k for k in keys if k not in known]
         if unknown or not keys:
-            p.error(f"--methods: unknown {unknown or args.methods!r}; choose from {','.join(demo_methods(2, 2))}")
+            p.error(f"--methods: unknown {unknown or args.methods!r}; choose from {','.join(known)}")
         absent = [k for k in keys if k not in specs]
         if absent:
             p.error(f"--methods: {','.join(absent)} do not run at N = {n} (mfm-g-exact: N <= {EXACT_G_MAX}, its "
@@ -139,9 +141,9 @@ def main(argv=None) -> int:
 
     rows, panels = [], [("exact tilted target", target)]
     for key, spec in specs.items():
-        if key.startswith("exact-grad"):
+        if spec.method == "exact":  # the oracle rows
             with timer(device) as elapsed:
-                samples = exact_doob(prob, noise, steps, clamp_ratio=25.0 if key.endswith("clamped") else None)
+                samples = exact_doob(prob, noise, steps, **spec.kwargs)
             rows.append(score_rows(spec, None, elapsed(), target, samples=samples, reward=prob.reward))
             panels.append((spec.label, samples))
             continue
