@@ -35,6 +35,16 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def sharp_gaussian():
+    """(exact meta flow map of Gaussian data, float64 linear reward) with the paper's reward sharpness σ = 0.2:
+    the estimator-bias and jackknife oracles' problem (the data distribution is `model.data`)."""
+    from mfm_fast.data import ExactGaussianMFM
+    from mfm_fast.rewards import LinearInverseReward
+    model = ExactGaussianMFM([0.5, -1.0], [[1.0, 0.4], [0.4, 0.7]])
+    return model, LinearInverseReward([[1.2, -0.8]], [-1.0], 0.2).to(torch.float64)
+
+
 @pytest.fixture(scope="module")
 def tiny_dit():
     """A small MFM-DiT (MFM-T/2, reference path) in eval mode, one per test module. Its weights are perturbed:

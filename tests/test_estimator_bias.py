@@ -8,15 +8,9 @@ import torch
 
 import pytest
 
-from mfm_fast.data import ExactGaussianMFM, paper_gmm
+from mfm_fast.data import paper_gmm
 from mfm_fast.experiments.estimators import expected_estimate, iwae_value_grad
 from mfm_fast.rewards import LinearInverseReward
-
-
-def _sharp_problem():
-    model = ExactGaussianMFM([0.5, -1.0], [[1.0, 0.4], [0.4, 0.7]])
-    reward = LinearInverseReward([[1.2, -0.8]], [-1.0], 0.2).to(torch.float64)
-    return model, model.data, reward
 
 
 def test_expected_reward_closed_form_matches_monte_carlo():
@@ -53,11 +47,12 @@ def test_score_function_reference_at_n1_is_the_expected_reward_gradient():
         iwae_value_grad(gmm, reward, 1.0, 1.0, x, 1, 4)
 
 
-def test_pathwise_mfm_g_expectation_is_the_iwae_gradient_not_grad_v():
+def test_pathwise_mfm_g_expectation_is_the_iwae_gradient_not_grad_v(sharp_gaussian):
     """The exact meta flow map (a transport of ε, differentiable in x) fed to MFM-G: the mean over many draws
     matches the model-free score-function ∇V_N at N = 1 and N = 8, and over-steers against ∇V by a wide margin —
     so the finite-N bias belongs to the estimator, whatever the posterior model."""
-    model, gmm, reward = _sharp_problem()
+    model, reward = sharp_gaussian
+    gmm = model.data
     gen = torch.Generator().manual_seed(2)
     t = 0.5
     x = gmm.tilt(reward.A, reward.y, reward.sigma).marginal(t).sample(8, generator=gen)
@@ -78,9 +73,10 @@ def test_pathwise_mfm_g_expectation_is_the_iwae_gradient_not_grad_v():
     assert abs(ratios[128] - 1) < 0.5 * (ratios[8] - 1), ratios  # and consistency: it approaches ∇V
 
 
-def test_mfm_gf_expectation_approaches_grad_v():
+def test_mfm_gf_expectation_approaches_grad_v(sharp_gaussian):
     """MFM-GF's finite-N expectation: zero at N = 1 (its two terms cancel), then towards ∇V from below."""
-    model, gmm, reward = _sharp_problem()
+    model, reward = sharp_gaussian
+    gmm = model.data
     gen = torch.Generator().manual_seed(3)
     t = 0.5
     x = gmm.tilt(reward.A, reward.y, reward.sigma).marginal(t).sample(8, generator=gen)

@@ -6,10 +6,8 @@ import torch
 
 import pytest
 
-from mfm_fast.data import ExactGaussianMFM
-from mfm_fast.graphs import steer_graphed
 from mfm_fast.experiments.estimators import expected_estimate, iwae_value_grad
-from mfm_fast.rewards import LinearInverseReward
+from mfm_fast.graphs import steer_graphed
 from mfm_fast.sampling import compose_flow_map
 from mfm_fast.steer import steer
 from mfm_fast.value import jackknife_value, jackknife_weights, value_and_grad
@@ -51,15 +49,9 @@ def test_weights_stay_finite_when_one_particle_dominates():
     assert torch.isfinite(jackknife_value(r)).all()
 
 
-def _sharp():
-    model = ExactGaussianMFM([0.5, -1.0], [[1.0, 0.4], [0.4, 0.7]])
-    reward = LinearInverseReward([[1.2, -0.8]], [-1.0], 0.2).to(torch.float64)
-    return model, reward
-
-
 @pytest.mark.parametrize("estimator", ["mfm-g", "mfm-gf"])
-def test_value_and_grad_is_the_jackknifed_estimate_of_the_same_samples(estimator):
-    model, reward = _sharp()
+def test_value_and_grad_is_the_jackknifed_estimate_of_the_same_samples(estimator, sharp_gaussian):
+    model, reward = sharp_gaussian
     gen = torch.Generator().manual_seed(1)
     B, N, t = 5, 6, 0.4
     x = torch.randn(B, 2, dtype=torch.float64, generator=gen)
@@ -88,11 +80,11 @@ def test_value_and_grad_is_the_jackknifed_estimate_of_the_same_samples(estimator
     assert chunked.cost.backward_evals == full.cost.backward_evals
 
 
-def test_jackknife_removes_most_of_the_small_n_bias():
+def test_jackknife_removes_most_of_the_small_n_bias(sharp_gaussian):
     """Against the closed-form ∇V at states of the tilted marginal: the jackknifed MFM-GF's expectation at N = 8 is
     closer than the softmax one, and the jackknifed MFM-G's expectation equals the model-free
     N·∇V_N − (N−1)·∇V_{N−1} (score-function oracle) and is closer to ∇V than MFM-G's ∇V_N."""
-    model, reward = _sharp()
+    model, reward = sharp_gaussian
     gmm = model.data
     gen = torch.Generator().manual_seed(2)
     t, N = 0.5, 8
@@ -115,8 +107,8 @@ def test_jackknife_removes_most_of_the_small_n_bias():
     assert bias(g_jk) < 0.5 * bias(g), (bias(g_jk), bias(g))
 
 
-def test_errors_name_the_argument():
-    model, reward = _sharp()
+def test_errors_name_the_argument(sharp_gaussian):
+    model, reward = sharp_gaussian
     x = torch.zeros(2, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="n_particles >= 2"):
         value_and_grad(model, reward, 0.5, x, 1, jackknife=True)
@@ -130,8 +122,8 @@ def test_errors_name_the_argument():
         steer(model, reward, x, steps=2, method="mfm-gf", n_particles=1, jackknife=True)
 
 
-def test_steer_with_jackknife_runs_every_value_method():
-    model, reward = _sharp()
+def test_steer_with_jackknife_runs_every_value_method(sharp_gaussian):
+    model, reward = sharp_gaussian
     noise = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     for method in ("mfm-g", "mfm-gf", "smc"):
         res = steer(model, reward, noise, steps=50, method=method, n_particles=4, jackknife=True,
