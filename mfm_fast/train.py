@@ -16,28 +16,26 @@ Checkpoints hold plain dicts / tensors / Python scalars only and load with `torc
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import dataclasses
-import glob
 import math
 import os
-import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from . import distributed as D
 from ._checks import check_finite_scalar, check_positive_int
 from .losses import CONSISTENCY, DIAGONAL, build_rollout_bank, draw, mfm_loss
+# the run loop and checkpoint files, shared with `finetune` (names re-exported for existing callers)
+from .runloop import (FORMAT, VERSION, RunLoop, TrainingDiverged, check_plain, check_writable,  # noqa: F401
+                      checkpoint_interval, cpu_state, model_spec, read_checkpoint, remove_stale_tmp,
+                      resolve_device, run_loop, step_generator)
+from .runloop import atomic_save as _atomic_save  # noqa: F401
+from .runloop import unwrap as _unwrap
 
-FORMAT = "mfm_fast.checkpoint"
-VERSION = 1
 OPTIMIZERS = ("adamw", "radam")
 SCHEDULES = ("cosine", "constant")
 
@@ -85,6 +83,10 @@ class TrainConfig:
     rollout_warp: float = 2.0
     rollout_full_prob: float = 0.25
     rollout_context_spread: float = 1.0  # bank contexts' noise × U[1, spread] (see losses.build_rollout_bank)
+
+    # fields a resumed run may change freely: how long, where and how it runs, not what it optimises (the parallel
+    # layouts give the same trajectory, and grad checkpointing only trades memory for compute)
+    RESUME_FREE = ("steps", "device", "log_every", "checkpoint_every", "grad_checkpointing", "parallel")
 
     def __post_init__(self):
         for name in ("steps", "batch", "log_every", "rollout_bank", "rollout_steps"):
@@ -141,33 +143,14 @@ class TrainConfig:
         lo = self.lr * self.min_lr_ratio
         return lo + (self.lr - lo) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
-
-# TrainConfig fields a resumed run may change freely: how long, where and how it runs, not what it optimises
-# (the parallel layouts give the same trajectory, and grad checkpointing only trades memory for compute).
-RESUME_FREE = ("steps", "device", "log_every", "checkpoint_every", "grad_checkpointing", "parallel")
-
-
-def checkpoint_interval(cfg: TrainConfig, out: Optional[str]) -> int:
-    """Steps between checkpoints: cfg.checkpoint_every, or with `out` and checkpoint_every = 0 every
-    max(1, min(1000, steps // 10)) steps (a killed run loses at most a tenth of its steps, at most 1000)."""
-    if cfg.checkpoint_every or out is None:
-        return cfg.checkpoint_every
-    return max(1, min(1000, cfg.steps // 10))
+    def ema_decay_at(self, step: int) -> float:
+        """EMA decay after optimizer step `step` (1-based): warm-up (1 + k)/(10 + k), so that early, badly trained
+        iterates fade out of short runs' averages."""
+        return min(self.ema_decay, (1 + step) / (10 + step))
 
 
-class TrainingDiverged(RuntimeError):
-    """A logged loss term or the gradient norm went NaN/inf. Raised before any checkpoint of the diverged model is
-    written: the file at `out` keeps the last good state."""
-
-    def __init__(self, step: int, values: dict, out: Optional[str] = None, saved_step: Optional[int] = None):
-        self.step, self.values = step, values
-        self.term = next(iter(values))
-        what = ", ".join(f"{k} = {v}" for k, v in values.items())
-        where = ""
-        if out is not None:
-            where = (f"; {out!r} keeps the last good checkpoint (step {saved_step})" if saved_step is not None
-                     else f"; nothing was written to {out!r}")
-        super().__init__(f"training diverged at step {step}: {what}{where}")
+RESUME_FREE = TrainConfig.RESUME_FREE
+_model_spec, _check_plain, _cpu_state = model_spec, check_plain, cpu_state
 
 
 @dataclass
@@ -179,21 +162,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------- save / load
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)
-
-
-def _model_spec(model: nn.Module) -> tuple:
-    """(class name, config dict) from which `load` rebuilds the model."""
-    from .models import MFMDiT, MFMMLP
-    model = _unwrap(model)
-    if isinstance(model, MFMDiT):
-        return "MFMDiT", dataclasses.asdict(model.config)
-    if isinstance(model, MFMMLP):
-        return "MFMMLP", model.config_dict()
-    raise TypeError(f"save/load support MFMMLP and MFMDiT, got {type(model).__name__}")
-
-
 def _build(name: str, config: dict, impl: str = "auto") -> nn.Module:
     from .models import DiTConfig, MFMDiT, MFMMLP
     if name == "MFMDiT":
@@ -201,75 +169,6 @@ def _build(name: str, config: dict, impl: str = "auto") -> nn.Module:
     if name == "MFMMLP":
         return MFMMLP(**config)
     raise ValueError(f"checkpoint names an unknown model class {name!r} (known: MFMDiT, MFMMLP)")
-
-
-def _check_plain(name: str, value, path: str = "") -> None:
-    """Only what torch.load(weights_only=True) restores: tensors, Python scalars, str, None, lists/tuples/dicts."""
-    where = f"{name}{path}"
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_plain(name, v, f"{path}[{i}]")
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, (str, int)):
-                raise TypeError(f"{where} has a key of type {type(k).__name__}; use str or int keys")
-            _check_plain(name, v, f"{path}[{k!r}]")
-        return
-    raise TypeError(f"{where} is a {type(value).__name__}; checkpoints store only tensors, Python scalars, str, "
-                    "None and lists/tuples/dicts of them")
-
-
-def _cpu_state(module: nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(module).state_dict().items()}
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows: keep its file
-        return True
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # no such process (or no such pid)
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def _remove_stale_tmp(path: str) -> None:
-    """Delete the `<path>.tmp<pid>` files of writers killed mid-save (a live process's write in progress is kept;
-    our own pid's file is from an earlier failed write)."""
-    for tmp in glob.glob(glob.escape(path) + ".tmp*"):
-        m = re.fullmatch(r"\.tmp(\d+)", tmp[len(path):])
-        if m is None or (int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1)))):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
-def _check_writable(out: str) -> None:
-    """Create out's directory and write a probe file there, so a bad path fails now, not at the first checkpoint."""
-    if os.path.isdir(out):
-        raise ValueError(f"out={out!r} is a directory; pass a checkpoint file path")
-    directory = os.path.dirname(os.path.abspath(out))
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".mfm_fast_probe"):
-            pass
-    except OSError as err:
-        raise ValueError(f"out={out!r}: cannot write checkpoints to {directory!r} "
-                         f"({type(err).__name__}: {err.strerror or err})") from err
-
-
-def _atomic_save(obj: dict, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    _remove_stale_tmp(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint behind
 
 
 def save(model: nn.Module, path: str, ema: Optional[nn.Module] = None, **extra) -> None:
@@ -280,28 +179,6 @@ def save(model: nn.Module, path: str, ema: Optional[nn.Module] = None, **extra) 
     ckpt = {"format": FORMAT, "version": VERSION, "model_class": name, "model_config": config,
             "model": _cpu_state(model), "ema": None if ema is None else _cpu_state(ema), "extra": extra}
     _atomic_save(ckpt, path)
-
-
-def read_checkpoint(path: str, map_location=None) -> dict:
-    """torch.load(weights_only=True) plus a check that the file is an mfm_fast checkpoint."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 — any unpickling failure means "not our file"
-        raise ValueError(f"{path!r} is not a readable mfm_fast checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        hint = ""
-        if isinstance(ckpt, dict) and ("ema" in ckpt or "model" in ckpt):
-            hint = " (for the official MFM release use mfm_fast.load_official_mfm)"
-        raise ValueError(f"{path!r} is not an mfm_fast checkpoint: no format tag {FORMAT!r}{hint}")
-    if ckpt.get("version", 0) > VERSION:
-        raise ValueError(f"{path!r} has checkpoint version {ckpt['version']}, newer than this library ({VERSION})")
-    for key in ("model_class", "model_config", "model"):
-        if key not in ckpt:
-            raise ValueError(f"{path!r} is a damaged mfm_fast checkpoint: missing {key!r}")
-    return ckpt
 
 
 def load(path: str, map_location=None, impl: str = "auto", ema: bool = True) -> nn.Module:
@@ -318,12 +195,6 @@ def load(path: str, map_location=None, impl: str = "auto", ema: bool = True) -> 
 
 
 # ---------------------------------------------------------------------------------------------- training
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The CPU generator of optimizer step `step`: a pure function of (seed, step)."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
 def _split_batch(batch) -> tuple:
     """sample_batch may return x1, (x1, y) or a dict with "x1" and extra conditioning."""
     if torch.is_tensor(batch):
@@ -335,45 +206,12 @@ def _split_batch(batch) -> tuple:
     raise TypeError("sample_batch(n, generator) must return a tensor x1, a pair (x1, y) or a dict with 'x1'")
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-    return torch.device(device)
+class _Trainer(RunLoop):
+    """The MFM objective (`losses.mfm_loss`) on the run loop: diagonal, consistency and rollout rows."""
 
-
-def _make_optimizer(params, cfg: TrainConfig):
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return torch.optim.RAdam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                             decoupled_weight_decay=True)
-
-
-class _Trainer:
     def __init__(self, model, sample_batch, cfg: TrainConfig, teacher_drift, progress: bool = False):
-        self.cfg = cfg
-        self.dist = D.info()
-        self.device = resolve_device(cfg.device)
+        super().__init__(model, cfg)
         self.sample_batch, self.teacher_drift = sample_batch, teacher_drift
-        self.model = _unwrap(model).to(self.device).train()
-        if cfg.grad_checkpointing:
-            if not hasattr(self.model, "grad_checkpointing"):
-                raise ValueError(f"{type(self.model).__name__} has no grad_checkpointing switch")
-            self.model.grad_checkpointing = True
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.fsdp = self.dist.world_size > 1 and cfg.parallel == "fsdp"
-        if self.dist.world_size > 1:
-            D.broadcast_module(self.model)
-            D.broadcast_module(self.ema)
-            if self.fsdp:
-                D.shard_fsdp(self.model)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.dtype = self.params[0].dtype if self.params else torch.float32
-        self.opt = _make_optimizer(self.params, cfg)
-        self.step = 0
-        self.history: list = []
-        self.overrides: list = []  # resumes with changed settings: {"step", "changes": {field: [old, new]}}
         n_c, n_r = cfg.n_consistency, cfg.n_rollout
         self.parts = (cfg.batch - n_c - n_r, n_c, n_r)  # diagonal, consistency, rollout rows
         world = self.dist.world_size
@@ -403,75 +241,6 @@ class _Trainer:
                                             device=self.device, progress=progress, **cond)
         return self._bank
 
-    # -- state
-    def state_dict(self) -> dict:
-        name, config = _model_spec(self.model)
-        return {"format": FORMAT, "version": VERSION, "model_class": name, "model_config": config,
-                "model": self._full_state(self.model), "ema": _cpu_state(self.ema),
-                "optimizer": self._optim_state(), "step": self.step, "history": list(self.history),
-                "train_config": dataclasses.asdict(self.cfg),
-                "rng": {"scheme": "per-step generator seeded by (seed, step)", "seed": self.cfg.seed},
-                "world_size": self.dist.world_size, "overrides": list(self.overrides), "extra": {}}
-
-    # torch.distributed.checkpoint's state-dict API gives the same plain layout (full tensors on the CPU, optimizer
-    # state keyed by parameter name) for a single process, replicated ranks and FSDP2 shards, so a checkpoint
-    # resumes under any of them.
-    def _full_state(self, module) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-
-    def _optim_state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        return get_optimizer_state_dict(self.model, self.opt,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def load_state_dict(self, ckpt: dict, path: str, override: bool = False) -> None:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        name, config = _model_spec(self.model)
-        if ckpt["model_class"] != name or ckpt["model_config"] != config:
-            raise ValueError(f"checkpoint {path!r} holds a {ckpt['model_class']} {ckpt['model_config']}, "
-                             f"not this {name} {config}")
-        if "optimizer" not in ckpt or "step" not in ckpt:
-            raise ValueError(f"{path!r} is a model file without training state; it cannot be resumed")
-        changes = self._config_changes(ckpt.get("train_config") or {})
-        if changes and not override:
-            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
-            raise ValueError(f"checkpoint {path!r} was trained with other settings: {what}. Resume with the "
-                             "checkpoint's settings, start afresh (resume=False / --no-resume), or pass "
-                             "override=True (--override) to continue with the new ones")
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, ckpt["model"], options=opts)
-        set_optimizer_state_dict(self.model, self.opt, ckpt["optimizer"], options=opts)
-        self.ema.load_state_dict(ckpt["ema"])
-        self.step = int(ckpt["step"])
-        self.history = list(ckpt.get("history", []))
-        self.overrides = list(ckpt.get("overrides", []))
-        if changes:  # recorded in every later checkpoint of this run
-            self.overrides.append({"step": self.step, "changes": {k: list(v) for k, v in changes.items()}})
-
-    def _config_changes(self, stored: dict) -> dict:
-        """{field: (checkpoint's value, this run's)} over the fields that change the optimisation; a field the
-        checkpoint predates counts as its default."""
-        def plain(v):
-            return tuple(v) if isinstance(v, (list, tuple)) else v
-        changes = {}
-        for f in dataclasses.fields(TrainConfig):
-            if f.name in RESUME_FREE:
-                continue
-            old, new = plain(stored.get(f.name, f.default)), plain(getattr(self.cfg, f.name))
-            if old != new:
-                changes[f.name] = (old, new)
-        return changes
-
-    def save(self, path: str) -> None:
-        state = self.state_dict()  # collective under FSDP: every rank takes part
-        if self.dist.is_main:
-            _atomic_save(state, path)
-        D.barrier()
-
-    # -- one optimizer step
     def global_batch(self, step: int):
         """(x1, cond, draws) of the diagonal and consistency rows, and the (bank rows, i, j) of the rollout rows."""
         cfg = self.cfg
@@ -485,9 +254,9 @@ class _Trainer:
         pairs = self.bank.draw_pairs(self.parts[2], gen, cfg.rollout_full_prob) if self.bank is not None else None
         return x1, cond, draws, pairs
 
-    def train_step(self) -> dict:
-        cfg, step = self.cfg, self.step
-        x1, cond, draws, pairs = self.global_batch(step)
+    def loss(self) -> tuple:
+        cfg = self.cfg
+        x1, cond, draws, pairs = self.global_batch(self.step)
         rollout = None
         if pairs is not None:
             local = self.rollout_rows
@@ -496,43 +265,12 @@ class _Trainer:
         x1 = x1[rows].to(self.device, self.dtype)
         cond = {k: (v[rows].to(self.device) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in cond.items()}
         draws = draws[rows].to(self.device, self.dtype)
-        lr = cfg.lr_at(step)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and self.device.type == "cuda"):
-            loss, logs = mfm_loss(self.model, x1, cfg.consistency, self.teacher_drift, diagonal=cfg.diagonal,
-                                  n_consistency=self.parts[1] // self.dist.world_size,
-                                  consistency_weight=cfg.consistency_weight, adaptive=cfg.adaptive,
-                                  diag_p=cfg.diag_p, cons_p=cfg.cons_p, draws=draws,
-                                  target_model=self.ema if cfg.ema_targets else None,
-                                  output_units=cfg.output_units, rollout=rollout, **cond)
-        loss.backward()
-        if not self.fsdp:
-            D.all_reduce_grads(self.params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        self.opt.step()
-        self._update_ema()
-        self.step += 1
-        keys = sorted(logs)
-        vals = D.all_reduce_mean(torch.stack([logs[k].float() for k in keys]))
-        out = dict(zip(keys, vals))
-        out["grad_norm"] = grad_norm.detach().float()
-        out["lr"] = lr
-        return out
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        # warm-up (1 + k)/(10 + k): early, badly trained iterates fade out of short runs' averages
-        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
-        ema_p = list(self.ema.parameters())
-        src = list(self.model.parameters())
-        if self.fsdp:  # the EMA copy stays replicated: gather the sharded weights
-            src = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in src]
-        for e, p in zip(ema_p, src):
-            e.lerp_(p.detach().to(e.dtype), 1 - decay)
-        for e, b in zip(self.ema.buffers(), _unwrap(self.model).buffers()):
-            e.copy_(b)
+        return mfm_loss(self.model, x1, cfg.consistency, self.teacher_drift, diagonal=cfg.diagonal,
+                        n_consistency=self.parts[1] // self.dist.world_size,
+                        consistency_weight=cfg.consistency_weight, adaptive=cfg.adaptive,
+                        diag_p=cfg.diag_p, cons_p=cfg.cons_p, draws=draws,
+                        target_model=self.ema if cfg.ema_targets else None,
+                        output_units=cfg.output_units, rollout=rollout, **cond)
 
 
 def train(model: nn.Module, sample_batch: Callable, cfg: Optional[TrainConfig] = None, out: Optional[str] = None,
@@ -557,55 +295,13 @@ def train(model: nn.Module, sample_batch: Callable, cfg: Optional[TrainConfig] =
         raise TypeError("sample_batch must be a callable (n, generator) -> batch")
     if cfg.checkpoint_every and out is None:
         raise ValueError("checkpoint_every > 0 needs an output path `out`")
-    every = checkpoint_interval(cfg, out)
     if out is not None:
-        _check_writable(out)
+        check_writable(out)
         if D.info().is_main:
-            _remove_stale_tmp(out)
+            remove_stale_tmp(out)
     trainer = _Trainer(model, sample_batch, cfg, teacher_drift, progress=progress)
-    saved_step = None  # the step of the last good checkpoint at `out`
-    if out is not None and resume and os.path.exists(out):
-        trainer.load_state_dict(read_checkpoint(out, map_location="cpu"), out, override=override)
-        saved_step = trainer.step
-    bar = None
-    if progress and trainer.dist.is_main:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=min(trainer.step, cfg.steps), desc=desc, dynamic_ncols=True,
-                   mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets an update every 30 s
-    pending = []
-
-    def flush():  # one host sync per logging interval; it runs before every save and before returning
-        for step, lg in pending:
-            entry = {"step": step, **{k: float(v) for k, v in lg.items()}}
-            bad = {k: v for k, v in entry.items() if not math.isfinite(v)}
-            if bad:
-                pending.clear()
-                if bar is not None:
-                    bar.close()
-                # loss terms first: a non-finite gradient norm alone means a finite loss had non-finite gradients
-                bad = dict(sorted(bad.items(), key=lambda kv: kv[0] == "grad_norm"))
-                raise TrainingDiverged(step, bad, out, saved_step)
-            trainer.history.append(entry)
-        pending.clear()
-        if bar is not None and trainer.history:
-            h = trainer.history[-1]
-            bar.set_postfix({k: f"{h[k]:.4f}" for k in ("loss", "diag", "cons", "roll") if k in h}, refresh=False)
-
-    while trainer.step < cfg.steps:
-        pending.append((trainer.step + 1, trainer.train_step()))
-        last = trainer.step == cfg.steps
-        save_now = out is not None and (last or (every and trainer.step % every == 0))
-        if len(pending) >= cfg.log_every or save_now or last or callback is not None:
-            flush()
-        if bar is not None:
-            bar.update(1)
-        if save_now:
-            trainer.save(out)
-            saved_step = trainer.step
-        if callback is not None:
-            callback(trainer.step, trainer.history[-1])
-    if bar is not None:
-        bar.close()
+    run_loop(trainer, out, resume=resume, progress=progress, callback=callback, desc=desc, override=override,
+             postfix=("loss", "diag", "cons", "roll"))
     return TrainResult(trainer.model, trainer.ema, trainer.history, trainer.step)
 
 
