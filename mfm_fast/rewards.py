@@ -162,5 +162,6 @@ class DecodeThenScore(nn.Module):
         self.reward = reward
         self.name = name or f"decode_then_{reward_name(reward)}"
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.reward(self.decoder(z))
+    def forward(self, z: torch.Tensor, *args) -> torch.Tensor:
+        """r(z); extra arguments (e.g. one prompt per row for a text-image reward) go to the reward."""
+        return self.reward(self.decoder(z), *args)

@@ -11,6 +11,7 @@ from mfm_fast.finetune import (
     FinetuneConfig,
     FineTunedDrift,
     finetune,
+    gmm_defaults,
     ft_loss,
     ft_target,
     half_sigma2,
@@ -135,7 +136,7 @@ def test_short_finetune_moves_samples_to_the_tilted_target(setup):
     def evaluate(step, model):
         errors.append(moment_error(ode_sample(model, noise, steps=50, t_start=0.01), tilted))
 
-    cfg = FinetuneConfig(steps=60, batch_size=256, lr=5e-3, ema_decay=0.98, seed=0)
+    cfg = gmm_defaults(steps=60, batch_size=256, lr=5e-3, ema_decay=0.98, seed=0)
     finetune(base, reward, lambda n, g: data.sample(n, g).float(), cfg, trainable=ResidualDrift(base),
              progress=False, callback=evaluate, callback_every=60)
     assert errors[0] > 0.4  # the base drift samples the untilted Gaussian
@@ -148,7 +149,7 @@ def test_checkpoint_roundtrip_and_cli(setup, tmp_path):
     _, reward, data = setup
     torch.manual_seed(0)
     mfm = MFMMLP(2, hidden=16, depth=2)
-    result = finetune(mfm, reward, lambda n, g: data.sample(n, g).float(), FinetuneConfig(steps=3, batch_size=32),
+    result = finetune(mfm, reward, lambda n, g: data.sample(n, g).float(), gmm_defaults(steps=3, batch_size=32),
                       progress=False)
     path = tmp_path / "ft.pt"
     save_finetuned(str(path), result)
@@ -180,4 +181,4 @@ def test_bad_inputs(setup):
     with pytest.raises(ValueError, match="steps"):
         FinetuneConfig(steps=0)
     with pytest.raises(ValueError, match="no parameters"):
-        finetune(base, reward, x1, FinetuneConfig(steps=1), progress=False)
+        finetune(base, reward, x1, gmm_defaults(steps=1), progress=False)
