@@ -8,6 +8,11 @@ raw × `scale`. `.npy` shards carry no metadata and are taken as already scaled 
 
 Shard formats: `NAME.safetensors` with tensors "latents" (n, 4, H, W) and "labels" (n,), or the pair
 `NAME_latents.npy` + `NAME_labels.npy`.
+
+Manifest. `encode` writes `manifest.json` last and atomically (`write_manifest`): every shard's name, size in bytes
+and sample count, and the classes. A shard folder with a manifest is read only as the manifest lists it: a listed
+shard missing, an unlisted one present (e.g. left by an earlier encode into the same folder) or a size that differs
+is an error naming the file. Folders without a manifest (shards written with `write_shard`) are read as they are.
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ from ._torchvision import ensure_torchvision
 SCALE = 0.18215  # SD-VAE (stabilityai/sd-vae-ft-mse) latent scaling factor
 SHARD_FORMAT = "mfm_fast-latents"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+SHARD_SUFFIXES = (".safetensors", "_latents.npy")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "mfm_fast-latent-manifest"
 
 
 # ---------------------------------------------------------------------------------------------- shards
@@ -58,35 +66,124 @@ def write_shard(path, latents: torch.Tensor, labels: torch.Tensor, latent_scale:
         raise ValueError(f"shard path must end in '.safetensors' or '_latents.npy', got {path!r}")
 
 
+def _labels_path(path: Path) -> Path:
+    return path.with_name(path.name[: -len("_latents.npy")] + "_labels.npy")
+
+
+def _damaged(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"latent shard {path} is damaged (truncated, or not a shard: {type(err).__name__}: {err}); "
+                      "re-encode or remove it")
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(
+                data.get("shards"), list):
+            raise ValueError(f"not a {MANIFEST_FORMAT} file")
+        for e in data["shards"]:
+            if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not isinstance(e.get("size"), int):
+                raise ValueError(f"malformed shard entry {e!r}")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"shard manifest {path} is damaged ({type(err).__name__}: {err}); restore it, or remove it "
+                         "to read the folder's shards as they are") from err
+    return data
+
+
+def _check_manifest(base: Path, shards: list) -> list:
+    """The shards of `base` checked against base/manifest.json: names, sizes (and the .npy label files)."""
+    manifest = base / MANIFEST
+    entries = {e["name"]: e for e in _read_manifest(manifest)["shards"]}
+    present = {p.name for p in shards}
+    missing, extra = sorted(set(entries) - present), sorted(present - set(entries))
+    if missing:
+        raise FileNotFoundError(f"shard {', '.join(str(base / n) for n in missing)} is listed in {manifest} but "
+                                "missing")
+    if extra:
+        raise ValueError(f"shard {', '.join(str(base / n) for n in extra)} is not listed in {manifest}: left by "
+                         "another run? Remove it (or rewrite the manifest with mfm_fast.latents.write_manifest)")
+    for p in shards:
+        e = entries[p.name]
+        files = [(p, e["size"])] + ([(_labels_path(p), e.get("labels_size"))] if p.name.endswith(".npy") else [])
+        for f, size in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"shard file {f} is missing (listed in {manifest})")
+            if size is not None and f.stat().st_size != size:
+                raise ValueError(f"shard file {f} has {f.stat().st_size} bytes, {manifest} lists {size}: truncated "
+                                 "or replaced since the manifest was written")
+    return shards
+
+
+def write_manifest(root, classes: Optional[Sequence[str]] = None) -> Path:
+    """Write root/manifest.json atomically: every shard of root (name, size in bytes, samples; `labels_size` for
+    .npy pairs), the total and `classes`. `encode` calls it last; call it after adding shards by hand to check
+    the folder from then on (module docstring)."""
+    root = Path(root)
+    shards = sorted(p for p in root.iterdir() if p.name.endswith(SHARD_SUFFIXES))
+    entries = []
+    for p in shards:
+        e = {"name": p.name, "size": p.stat().st_size, "count": int(_shard_len(p))}
+        if p.name.endswith(".npy"):
+            e["labels_size"] = _labels_path(p).stat().st_size
+        entries.append(e)
+    data = {"format": MANIFEST_FORMAT, "version": 1, "samples": sum(e["count"] for e in entries),
+            "classes": None if classes is None else list(classes), "shards": entries}
+    path = root / MANIFEST
+    tmp = root / f".{MANIFEST}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def list_shards(root, split: Optional[str] = None) -> list[Path]:
-    """The shard files under root[/split], sorted by name (the order every rank agrees on)."""
+    """The shard files under root[/split], sorted by name (the order every rank agrees on); checked against the
+    folder's manifest.json when it has one (module docstring)."""
     base = Path(root) / split if split else Path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"latent shard directory not found: {base}")
-    shards = sorted(p for p in base.iterdir() if p.name.endswith((".safetensors", "_latents.npy")))
+    shards = sorted(p for p in base.iterdir() if p.name.endswith(SHARD_SUFFIXES))
+    if (base / MANIFEST).exists():
+        shards = _check_manifest(base, shards)
     if not shards:
         raise FileNotFoundError(f"no shards (*.safetensors or *_latents.npy) in {base}")
     return shards
 
 
 def read_shard(path) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """-> (latents (n, C, H, W) float32, labels (n,) int64, the scale the stored latents carry)."""
+    """-> (latents (n, C, H, W) float32, labels (n,) int64, the scale the stored latents carry). A damaged file
+    is a ValueError naming it."""
     path = Path(path)
     if path.name.endswith(".safetensors"):
         from safetensors import safe_open
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            names = set(f.keys())
-            if not {"latents", "labels"} <= names:
-                raise ValueError(f"shard {path} must hold tensors 'latents' and 'labels', found {sorted(names)}")
-            latents, labels = f.get_tensor("latents"), f.get_tensor("labels")
-        scale = float(meta.get("latent_scale", SCALE))
+        if not path.is_file():
+            raise FileNotFoundError(f"latent shard not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                names = set(f.keys())
+                tensors = {k: f.get_tensor(k) for k in ("latents", "labels") if k in names}
+            scale = float(meta.get("latent_scale", SCALE))
+        except Exception as err:  # SafetensorError (truncated, garbled header), ...
+            raise _damaged(path, err) from err
+        if len(tensors) < 2:
+            raise ValueError(f"shard {path} must hold tensors 'latents' and 'labels', found {sorted(names)}")
+        latents, labels = tensors["latents"], tensors["labels"]
     else:
-        label_path = path.with_name(path.name[: -len("_latents.npy")] + "_labels.npy")
+        label_path = _labels_path(path)
         if not label_path.is_file():
             raise FileNotFoundError(f"shard {path} has no labels file {label_path.name}")
-        latents = torch.from_numpy(np.load(path))
-        labels = torch.from_numpy(np.load(label_path))
+        arrays = []
+        for p in (path, label_path):
+            try:
+                arrays.append(torch.from_numpy(np.load(p)))
+            except FileNotFoundError:
+                raise
+            except (OSError, ValueError, EOFError) as err:
+                raise _damaged(p, err) from err
+        latents, labels = arrays
         scale = SCALE
     if latents.dim() != 4 or labels.dim() != 1 or labels.shape[0] != latents.shape[0]:
         raise ValueError(f"shard {path}: latents must be (n, C, H, W) and labels (n,), got "
@@ -149,11 +246,89 @@ class LatentShards(torch.utils.data.IterableDataset):
 
 
 def _shard_len(path: Path) -> int:
-    if path.name.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return f.get_slice("labels").get_shape()[0]
-    return np.load(path, mmap_mode="r").shape[0]
+    try:
+        if path.name.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return f.get_slice("labels").get_shape()[0]
+        return np.load(path, mmap_mode="r").shape[0]
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # SafetensorError, a truncated .npy (mmap longer than the file), ...
+        raise _damaged(path, err) from err
+
+
+class LatentRows:
+    """Random access to the rows of a latent shard set, for training loops that draw their batch of step k from
+    a generator seeded by (seed, k) (bitwise resume, any number of ranks): `sample(n, generator)` -> (latents
+    (n, C, H, W) float32 scaled by `scale`, labels (n,) int64), uniformly with replacement.
+
+    Only the shard headers are read up front; rows are read on demand (safetensors slices, memory-mapped .npy),
+    so a 1.28M-image ImageNet shard set costs no memory beyond the open files."""
+
+    def __init__(self, root, split: Optional[str] = None, scale: float = SCALE):
+        if isinstance(root, LatentShards):
+            self.shards, self.scale = list(root.shards), root.scale
+        else:
+            self.shards, self.scale = list_shards(root, split), float(scale)
+        sizes = [_shard_len(p) for p in self.shards]
+        if not sum(sizes):
+            raise ValueError(f"the latent shards under {root} hold no rows")
+        self.offsets = np.cumsum([0] + sizes)
+        self._open: dict = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _reader(self, k: int):
+        if k not in self._open:
+            path = self.shards[k]
+            if path.name.endswith(".safetensors"):
+                from safetensors import safe_open
+                f = safe_open(str(path), framework="pt", device="cpu")
+                meta = f.metadata() or {}
+                self._open[k] = ("st", f, float(meta.get("latent_scale", SCALE)))
+            else:
+                lab = path.with_name(path.name[: -len("_latents.npy")] + "_labels.npy")
+                self._open[k] = ("npy", (np.load(path, mmap_mode="r"), np.load(lab, mmap_mode="r")), SCALE)
+        return self._open[k]
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, labels) of the given global row indices, in that order."""
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self)):
+            raise IndexError(f"row index out of range [0, {len(self)})")
+        shard = np.searchsorted(self.offsets, index.numpy(), side="right") - 1
+        lat, lab = [], []
+        for i, k in zip(index.tolist(), shard.tolist()):
+            kind, f, stored = self._reader(k)
+            j = i - int(self.offsets[k])
+            if kind == "st":
+                z, y = f.get_slice("latents")[j:j + 1], f.get_slice("labels")[j:j + 1]
+            else:
+                z, y = torch.from_numpy(np.array(f[0][j:j + 1])), torch.from_numpy(np.array(f[1][j:j + 1]))
+            z = z.float()
+            if not math.isclose(stored, self.scale):
+                z = z * (self.scale / stored)
+            lat.append(z)
+            lab.append(y.long())
+        return torch.cat(lat), torch.cat(lab)
+
+    def labels(self) -> torch.Tensor:
+        """Every row's label (reads only the label tensors)."""
+        out = []
+        for p in self.shards:
+            if p.name.endswith(".safetensors"):
+                from safetensors import safe_open
+                with safe_open(str(p), framework="pt", device="cpu") as f:
+                    out.append(f.get_tensor("labels").long())
+            else:
+                out.append(torch.from_numpy(np.load(p.with_name(p.name[: -len("_latents.npy")] + "_labels.npy"))).long())
+        return torch.cat(out)
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self), (n,), generator=generator)
+        return self.rows(idx)
 
 
 # ---------------------------------------------------------------------------------------------- VAE
@@ -223,10 +398,11 @@ def encode_images(vae, images: torch.Tensor, scale: float = SCALE, sample: bool 
     return z * scale
 
 
-def decode_latents(vae, z: torch.Tensor, scale: float = SCALE, bias: float = 0.0) -> torch.Tensor:
+def decode_latents(vae, z: torch.Tensor, scale: float = SCALE, bias: float = 0.0, clamp: bool = True) -> torch.Tensor:
     """Scaled latents (B, C, h, w) or particles (B, N, C, h, w) -> images in [0, 1] (B[, N], 3, H, W), as in the
     release: decode((z - bias) / scale), then (x + 1) / 2, clamped. Differentiable in z (rewards backpropagate
-    through it)."""
+    through it). clamp=False leaves the decoder's overshoot, as the release's fine-tuning reward sees it (the
+    clamp would zero the gradient of every saturated pixel)."""
     check_state("z", z)
     if z.dim() not in (4, 5):
         raise ValueError(f"z must have shape (B, C, h, w) or (B, N, C, h, w), got {tuple(z.shape)}")
@@ -234,18 +410,19 @@ def decode_latents(vae, z: torch.Tensor, scale: float = SCALE, bias: float = 0.0
     flat = z.reshape(-1, *z.shape[-3:])  # particles are folded into the batch for the decoder
     x = vae.decode(((flat - bias) / scale).to(dtype=vae.dtype)).sample
     x = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision out as float32, float64 kept
-    return ((x + 1) / 2).clamp(0, 1).reshape(*lead, *x.shape[1:])
+    x = (x + 1) / 2
+    return (x.clamp(0, 1) if clamp else x).reshape(*lead, *x.shape[1:])
 
 
 class LatentDecoder(torch.nn.Module):
     """`decode_latents` as a module (frozen VAE, scale, bias): the decoder of `rewards.DecodeThenScore`."""
 
-    def __init__(self, vae, scale: float = SCALE, bias: float = 0.0):
+    def __init__(self, vae, scale: float = SCALE, bias: float = 0.0, clamp: bool = True):
         super().__init__()
-        self.vae, self.scale, self.bias = vae, float(scale), float(bias)
+        self.vae, self.scale, self.bias, self.clamp = vae, float(scale), float(bias), bool(clamp)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.vae, z, self.scale, self.bias)
+        return decode_latents(self.vae, z, self.scale, self.bias, self.clamp)
 
 
 def save_image_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2) -> None:
@@ -270,15 +447,23 @@ def save_image_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2)
 
 # ---------------------------------------------------------------------------------------------- image folder
 def image_folder(root) -> tuple[list[tuple[Path, int]], list[str]]:
-    """ImageFolder layout: root/<class>/<image>; classes sorted by name get labels 0, 1, ..."""
+    """ImageFolder layout: root/<class>/<image>; classes sorted by name get labels 0, 1, ... Hidden folders and
+    files (a name starting with '.', e.g. .ipynb_checkpoints) are skipped; a class folder without images is an
+    error naming it (as torchvision's ImageFolder), since it would take a label no sample carries."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image directory not found: {root}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise FileNotFoundError(f"{root} has no class subfolders (expected root/<class>/<image files>)")
-    items = [(p, label) for label, name in enumerate(classes)
-             for p in sorted((root / name).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    items = []
+    for label, name in enumerate(classes):
+        found = [p for p in sorted((root / name).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS
+                 and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root / name).parts)]
+        if not found:
+            raise FileNotFoundError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                                    f"every subfolder of {root} is a class: add images or remove it")
+        items += [(p, label) for p in found]
     if not items:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     return items, classes
@@ -327,8 +512,14 @@ def encode_main(argv=None) -> int:
         check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
 
     items, classes = image_folder(args.images)
-    vae = load_vae(args.vae, device=args.device)
     out = Path(args.out)
+    if out.is_dir():  # shards of an earlier run would mix with these (its extra shards survive the overwrite)
+        old = sorted(p.name for p in out.iterdir() if p.name == MANIFEST or p.name.endswith(SHARD_SUFFIXES))
+        if old:
+            more = f" and {len(old) - 1} more" if len(old) > 1 else ""
+            raise ValueError(f"--out {out} already holds {out / old[0]}{more} (shards or the manifest of another "
+                             "encode); pass an empty or new directory, or remove them")
+    vae = load_vae(args.vae, device=args.device)
     out.mkdir(parents=True, exist_ok=True)
     (out / "classes.json").write_text(json.dumps(classes, indent=0))
     g = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -353,6 +544,7 @@ def encode_main(argv=None) -> int:
             bar.update(len(chunk))
     if buf_y:
         flush()
+    write_manifest(out, classes)  # last: a folder with a manifest is complete
     print(f"wrote {len(items)} latents of shape {tuple(z.shape[1:])} in {n_shards} shards to {out} "
           f"({len(classes)} classes, scale {SCALE})")
     return 0

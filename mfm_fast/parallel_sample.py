@@ -12,7 +12,10 @@ run.json), device type, library versions and thread count (torchrun sets OMP_NUM
 it is unset; give a single process the same).
 
 Layout of the output directory:
-    run.json                  the settings the shards belong to; a rerun with other settings is refused
+    run.json                  the settings the shards belong to, and a content fingerprint of every input file
+                              (`fingerprint.fingerprint`); a rerun with other settings or other files behind the
+                              same paths is refused once a shard exists (before that, run.json is rewritten, so
+                              an argument rejected by the first shard does not bind the corrected rerun)
     shards/shard-000007.npz   shard 7: images uint8 (B, H, W, 3), rewards float32 (R, B), meta (JSON)
     samples.npz               arr_0: uint8 (n, H, W, 3), the format of the ADM evaluator (guided-diffusion
                               evaluations/evaluator.py) and of DiT/SiT's sample_ddp.py
@@ -34,6 +37,7 @@ import contextlib
 import json
 import os
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional
@@ -253,25 +257,80 @@ def _write_shard(path: Path, out: ShardOutput, scorers: Mapping, start: int, sto
     _atomic_write(path, lambda f: np.savez(f, images=images, rewards=table, meta=np.array(meta)))
 
 
+def _damaged(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"shard {path} is damaged or not a shard of this runner ({type(err).__name__}: {err}); "
+                      "delete it and rerun to recompute it")
+
+
 def _read_meta(path: Path) -> tuple:
-    with np.load(path) as z:
-        return json.loads(str(z["meta"])), z["rewards"]
+    try:
+        with np.load(path) as z:
+            return json.loads(str(z["meta"])), z["rewards"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise _damaged(path, err) from err
+
+
+def _read_images(path: Path) -> np.ndarray:
+    try:
+        with np.load(path) as z:
+            return z["images"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise _damaged(path, err) from err
 
 
 def _settings_json(settings: dict) -> dict:
     return json.loads(json.dumps(settings))  # the form it takes on disk (tuples -> lists, ...)
 
 
-def _check_settings(out: Path, settings: dict) -> None:
+def _fingerprints(inputs: Optional[Mapping]) -> dict:
+    """{argument: path} -> {argument: {"path", "fingerprint"}} (run.json's "inputs")."""
+    from .fingerprint import fingerprint
+    out = {}
+    for label, p in (inputs or {}).items():
+        try:
+            out[str(label)] = {"path": os.fspath(p), "fingerprint": fingerprint(p)}
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{label}: {err}") from None
+    return out
+
+
+def _check_settings(out: Path, settings: dict, inputs: Optional[dict] = None) -> bool:
+    """Whether run.json is to be (re)written: yes when --out holds no shard and no samples.npz yet (an old run.json
+    then binds nothing: e.g. the first shard rejected an argument). Otherwise run.json must exist and match the
+    settings and the fingerprints of the inputs both record (a run.json of an older version has none)."""
     path = out / "run.json"
+    done = sorted((out / SHARD_DIR).glob("shard-*.npz")) if (out / SHARD_DIR).is_dir() else []
+    if not (done or (out / "samples.npz").exists()):
+        return True
     if not path.is_file():
-        return
-    old = json.loads(path.read_text())["settings"]
+        what = done[0] if done else out / "samples.npz"
+        raise ValueError(f"--out {out} holds {what} but no run.json, so its settings are unknown (not written by "
+                         "this runner, or run.json was deleted); it is not overwritten: pass a new output directory "
+                         "or move it away")
+    try:
+        record = json.loads(path.read_text())
+        old = record["settings"]
+        if not isinstance(old, dict):
+            raise TypeError(f"settings is a {type(old).__name__}")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); restore it, or pass a new output "
+                         "directory") from err
     diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if diff:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
         raise ValueError(f"--out {out} holds shards of another run (settings differ: {detail}); pass a new output "
                          "directory or delete the old one")
+    before, now = record.get("inputs"), inputs or {}
+    before = before if isinstance(before, dict) else {}
+    for label in sorted(set(before) & set(now)):
+        entry = before[label] if isinstance(before[label], dict) else {}
+        a, b = entry.get("fingerprint"), now[label]["fingerprint"]
+        if a is not None and a != b:
+            was = f" (was {entry.get('path')})" if entry.get("path") not in (None, now[label]["path"]) else ""
+            raise ValueError(f"--out {out} holds shards made from other inputs: {label} {now[label]['path']}{was} "
+                             f"has changed since run.json was written (content fingerprint {a} -> {b}: its size, "
+                             "mtime or sampled bytes differ); restore it, or pass a new output directory")
+    return False
 
 
 class _Collective:
@@ -321,7 +380,8 @@ class _Collective:
 def run_sharded(make_shard: Callable, n: int, out, *, seed: int, shard_size: int = 32, best_of: int = 1,
                 select_by: Optional[str] = None, scorers: Optional[Mapping[str, Callable]] = None,
                 settings: Optional[dict] = None, grid: int = 64, nrow: int = 8, device="cpu",
-                progress: bool = True, desc: str = "sample") -> Optional[RunSummary]:
+                progress: bool = True, desc: str = "sample", inputs: Optional[Mapping] = None
+                ) -> Optional[RunSummary]:
     """Compute n (·best_of) samples in shards over the ranks of the default process group (one process if none)
     and merge them on rank 0 (module docstring). Returns the `RunSummary` on rank 0, None on the other ranks.
 
@@ -330,6 +390,8 @@ def run_sharded(make_shard: Callable, n: int, out, *, seed: int, shard_size: int
     callable(images (B, 3, H, W) in [0, 1]) -> (B,), applied to every shard's images and recorded beside the
     rewards make_shard returns. `settings`: whatever else fixes the samples (JSON-serialisable), kept in run.json
     so that a resume with other settings is refused. `select_by`: the reward Best-of-N maximises (best_of > 1).
+    `inputs`: {argument: path} of the files and directories the samples depend on (checkpoint, VAE, reward
+    weights); their content fingerprints go into run.json, and a resume whose files differ is refused.
     """
     _check_int("n", n, 1)
     _check_int("seed", seed, 0)
@@ -340,6 +402,8 @@ def run_sharded(make_shard: Callable, n: int, out, *, seed: int, shard_size: int
     scorers = dict(scorers or {})
     if best_of > 1 and select_by is None:
         raise ValueError("best_of > 1 needs select_by, the name of the reward that picks the best candidate")
+    if not os.fspath(out).strip():
+        raise ValueError(f"out (--out) must name an output directory, got {os.fspath(out)!r}")
     out = Path(out)
     if out.suffix.lower() == ".png" or out.is_file():
         raise ValueError(f"out must be an output directory (samples.npz, grid.png, rewards.json go inside), got "
@@ -348,12 +412,14 @@ def run_sharded(make_shard: Callable, n: int, out, *, seed: int, shard_size: int
     rank, world = info.rank, info.world_size
     full = _settings_json({**(settings or {}), "n": n, "seed": seed, "shard_size": shard_size, "best_of": best_of,
                            "select_by": select_by, "scorers": sorted(scorers)})
-    _check_settings(out, full)  # every rank checks, so a refusal stops all of them alike
+    prints = _fingerprints(inputs)
+    fresh = _check_settings(out, full, prints)  # every rank checks, so a refusal stops all of them alike
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     comm = _Collective()
     comm.sync()  # nobody writes run.json before every rank has compared it
-    if rank == 0 and not (out / "run.json").is_file():
-        _atomic_write(out / "run.json", lambda f: f.write(json.dumps({"settings": full}, indent=1).encode()))
+    if rank == 0 and fresh:  # before any shard is written (the other ranks wait for rank 0's list below)
+        _atomic_write(out / "run.json", lambda f: f.write(json.dumps({"settings": full, "inputs": prints},
+                                                                     indent=1).encode()))
 
     total = n * best_of
     bounds = shard_bounds(total, shard_size)
@@ -431,8 +497,7 @@ def _merge(out: Path, n: int, best_of: int, select_by, bounds, path, grid, nrow,
         lo, hi = np.searchsorted(keep, [a, b])
         if lo == hi:
             continue
-        with np.load(path(k)) as z:
-            images = z["images"]
+        images = _read_images(path(k))
         if samples is None:
             samples = np.empty((n, *images.shape[1:]), dtype=np.uint8)
         samples[lo:hi] = images[keep[lo:hi] - a]

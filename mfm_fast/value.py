@@ -173,6 +173,8 @@ def jackknife_value(r: torch.Tensor) -> torch.Tensor:
     """(B,) jackknifed log-mean-exp of r (B, N), N ≥ 2: N·V̂_N − (N−1)·mean_j V̂_{N−1}^(−j). Its gradient with
     respect to the r_i is `jackknife_weights(r)`, so MFM-G seeded with those weights differentiates this value."""
     N = r.shape[1]
+    if N < 2:
+        raise ValueError(f"jackknife_value needs n_particles >= 2 (it leaves one particle out), got n_particles={N}")
     rf = r.to(torch.promote_types(r.dtype, torch.float32))
     full = torch.logsumexp(rf, dim=1) - math.log(N)
     loo = _leave_one_out_lse(rf) - math.log(N - 1)
