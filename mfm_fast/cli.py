@@ -95,6 +95,8 @@ def _validate(args) -> None:
         raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if not args.out.strip():
+        raise ValueError(f"--out must name an output directory, got {args.out!r}")
     if args.out.lower().endswith(".png"):
         raise ValueError(f"--out is an output directory (samples.npz, grid.png, rewards.json go inside), got the "
                          f"file name {args.out!r}")
@@ -145,6 +147,24 @@ def _settings(args) -> dict:
     return settings
 
 
+def _inputs(args) -> dict:
+    """{argument: path} of the files and directories the samples depend on: --ckpt, --vae, --class-names and every
+    path in the --reward / --score-with specs (a value naming an existing file or directory). run.json records
+    their content fingerprints, so a resume with other files behind the same paths is refused."""
+    from pathlib import Path
+    inputs = {"--ckpt": args.ckpt, "--vae": args.vae}
+    if args.class_names is not None:
+        inputs["--class-names"] = args.class_names
+    specs = [(f"--score-with {name}", kwargs) for name, kwargs in _score_specs(args).items()]
+    if getattr(args, "reward", None) is not None:
+        specs.insert(0, ("--reward", _reward_spec(args)[1]))
+    for label, kwargs in specs:
+        for key, value in kwargs.items():
+            if isinstance(value, str) and value.strip() and Path(value).exists():
+                inputs[f"{label} {key}"] = value
+    return inputs
+
+
 def _decode(vae, z):
     from .latents import decode_latents
     with torch.no_grad():
@@ -164,7 +184,7 @@ def _run(args, desc: str, build) -> int:
         make_shard, kw, describe = build(args, device)
         summary = run_sharded(make_shard, args.n, args.out, seed=args.seed, shard_size=args.shard_size,
                               settings=_settings(args), grid=args.grid, nrow=args.nrow, device=device,
-                              progress=not args.no_progress, desc=desc, **kw)
+                              progress=not args.no_progress, desc=desc, inputs=_inputs(args), **kw)
         if summary is not None:
             print(describe(summary))
     finally:
@@ -215,19 +235,30 @@ def sample_parser() -> argparse.ArgumentParser:
 
 def sample_main(argv=None) -> int:
     """K-step refinement sampling (K network calls per image) of one class or random classes, on one process or
-    under torchrun; writes samples.npz, grid.png and rewards.json into --out."""
+    under torchrun; writes samples.npz, grid.png and rewards.json into --out. An MFM-FT checkpoint (written by
+    `finetune`) is sampled by K Euler steps of its fine-tuned drift instead."""
 
     def build(args, device):
         from .latents import load_vae
         from .parallel_sample import refine_shard, scored_shard
+        from .finetune import euler_shard, is_finetuned, load_finetuned
         dtype = DTYPES[args.dtype]
-        model = load_model(args.ckpt, args.impl, dtype, device)
-        _check_cfg(model, args.cfg)
+        finetuned = is_finetuned(args.ckpt)
+        if finetuned:  # an MFM-FT checkpoint holds a drift: Euler steps, not the flow map's refinement
+            model = load_finetuned(args.ckpt, impl=args.impl).to(device=device, dtype=dtype)
+            _check_cfg(model.mfm, args.cfg)
+        else:
+            model = load_model(args.ckpt, args.impl, dtype, device)
+            _check_cfg(model, args.cfg)
         label = _label(model, args.label, allow_random=True)
         vae = load_vae(args.vae, device=device, dtype=dtype)
         scorers, prompts = _scoring(args, device)
-        make_shard = refine_shard(model, lambda z: _decode(vae, z), args.steps, label, cfg=args.cfg,
-                                  context=lambda: _autocast(args, device))
+        if finetuned:
+            make_shard = euler_shard(model, lambda z: _decode(vae, z), args.steps, label, cfg=args.cfg,
+                                     context=lambda: _autocast(args, device))
+        else:
+            make_shard = refine_shard(model, lambda z: _decode(vae, z), args.steps, label, cfg=args.cfg,
+                                      context=lambda: _autocast(args, device))
         make_shard = scored_shard(make_shard, scorers, prompts)
 
         def describe(s):
@@ -251,7 +282,7 @@ def _reward_spec(args) -> tuple:
         value = getattr(args, opt)
         if value is None:
             continue
-        if kwargs.get(key, value) != value:
+        if str(kwargs.get(key, value)) != value:
             raise ValueError(f"--{opt.replace('_', '-')} {value} contradicts {key}={kwargs[key]} in --reward")
         kwargs[key] = value
     return name, kwargs

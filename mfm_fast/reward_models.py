@@ -62,11 +62,17 @@ def class_names(names_file=None) -> list[str]:
         raise FileNotFoundError(f"class names file not found: {path}")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        names = json.loads(text)
+        try:
+            names = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"class names file {path} is not valid JSON: {err}") from None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError(f"{path} must hold a JSON list of class names")
-        return names
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"class names file {path} holds no class names")
+    return names
 
 
 def class_prompts(labels, template: str = DEFAULT_TEMPLATE, names: Optional[Sequence[str]] = None) -> list[str]:
@@ -76,6 +82,26 @@ def class_prompts(labels, template: str = DEFAULT_TEMPLATE, names: Optional[Sequ
     names = class_names() if names is None else list(names)
     labels = labels.tolist() if torch.is_tensor(labels) else list(labels)
     return [template.replace("{class}", names[i] if 0 <= i < len(names) else str(i)) for i in map(int, labels)]
+
+
+FT_PROMPT_PREFIX = "A high-resolution, high-quality photograph of a "  # the release's fine-tuning prompt prefix
+
+
+def finetune_prompts(labels, prefix: str = FT_PROMPT_PREFIX, names: Optional[Sequence[str]] = None) -> list[str]:
+    """The release's fine-tuning prompts: prefix + the class's WordNet lemmas ("tabby, tabby cat" for 281, no
+    final period), which differ from the steering prompts of `class_prompts`. `names` replaces the lemma list."""
+    from .imagenet_lemmas import IMAGENET_LEMMAS
+    names = IMAGENET_LEMMAS if names is None else list(names)
+    labels = labels.tolist() if torch.is_tensor(labels) else list(labels)
+    out = []
+    for i in labels:
+        if isinstance(i, float) and not float(i).is_integer():
+            raise ValueError(f"labels must be integers, got {i}")
+        i = int(i)
+        if not 0 <= i < len(names):
+            raise ValueError(f"label {i} has no class description (labels must lie in [0, {len(names)}))")
+        out.append(f"{prefix}{names[i]}")
+    return out
 
 
 def expand_prompts(prompts: Prompts, batch: int) -> list[str]:
@@ -478,8 +504,21 @@ def reward_for_class(name: str, labels, prompt_template: Optional[str] = None, n
 
 
 # ---------------------------------------------------------------------------------------------- scoring API
+def _spec_value(value: str):
+    """A spec value as the factory wants it: an int, else a float, else a bool ('true' / 'false', any case), else
+    the string (paths, devices)."""
+    for convert in (int, float):
+        try:
+            return convert(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
 def parse_reward_spec(spec: str) -> tuple[str, dict]:
-    """"pickscore,weights=DIR,processor=DIR" -> ("pickscore", {"weights": "DIR", "processor": "DIR"})."""
+    """"pickscore,weights=DIR,processor=DIR" -> ("pickscore", {"weights": "DIR", "processor": "DIR"}); values
+    that read as an int, a float or true/false become one ("toy,dim=8" -> {"dim": 8}). A repeated key is an
+    error."""
     name, *items = [part.strip() for part in spec.split(",")]
     if not name:
         raise ValueError(f"reward spec {spec!r} must start with a reward name, e.g. 'hpsv2,weights=DIR'")
@@ -488,16 +527,26 @@ def parse_reward_spec(spec: str) -> tuple[str, dict]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"reward spec {spec!r}: expected key=value after the name, got {item!r}")
-        kwargs[key.strip()] = value.strip()
+        if key.strip() in kwargs:
+            raise ValueError(f"reward spec {spec!r} sets {key.strip()!r} twice; give each key once")
+        kwargs[key.strip()] = _spec_value(value.strip())
     return name, kwargs
 
 
 def build_scorers(specs, device="cpu") -> dict[str, RewardModel]:
     """Reward adapters by name, from local files: `specs` maps a name (a key of REWARD_MODELS, or
     'module:function') to its factory's keyword arguments, or is a list of `parse_reward_spec` strings.
-    `device` is passed to registered factories that take it unless the spec sets its own."""
+    `device` is passed to registered factories that take it unless the spec sets its own. A plain string is one
+    spec; a name given twice is an error."""
+    if isinstance(specs, str):
+        specs = [specs]
     if not isinstance(specs, dict):
-        specs = dict(parse_reward_spec(s) for s in specs)
+        parsed = {}
+        for name, kwargs in map(parse_reward_spec, specs):
+            if name in parsed:
+                raise ValueError(f"scorer {name!r} is given twice; give each scorer once")
+            parsed[name] = kwargs
+        specs = parsed
     scorers = {}
     for name, kwargs in specs.items():
         kwargs = dict(kwargs or {})
