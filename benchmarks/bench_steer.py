@@ -6,8 +6,16 @@
   path replays the step from a CUDA graph (what `steer(graph=True)` does); "fast-eager" is the same step eagerly.
 - W4: W2 under an 8 GiB bound (auto chunking, fast path): peak GiB and slowdown against the unbounded fast W2;
   and the largest particle count per state that runs, for the fast path (auto chunks) and the reference.
+- FT: one MFM-FT optimizer step as `finetune` runs it (base drift, posterior forward + backward through the SD-VAE
+  decode and the reward, trainable drift forward + backward, clip, RAdam, EMA): MFM-XL/2 fp32 weights under bf16
+  autocast, 18 rows, cfg 2.5 on the posterior, per-row labels and prompts; the SD-VAE architecture with random
+  weights (`build_vae`) and a toy (CLIP-shaped) or HPSv2-shaped (random ViT-H-14, when imscore is installed)
+  reward. extra_info: peak GiB, the fixed bytes between steps (weights, EMA, frozen copy, VAE, reward, optimizer
+  state, gradients) and peak memory per row = (peak − fixed) / micro-batch rows, beside the planner's estimate.
+  Peer: the reference ops ("ref"), no compiled peer.
 Peers as in bench_model.py ("ref", "compile", "compile-ro"). On a CPU (--benchmark-disable) a smoke run at tiny
-shapes: the reference path and one fast-path call (Triton interpreter).
+shapes: the reference path and one fast-path call (Triton interpreter); FT at 2 rows in micro-batches of 1, a tiny
+VAE and the toy reward.
 """
 from __future__ import annotations
 
@@ -15,11 +23,12 @@ import pytest
 import torch
 
 from _common import run
-from _steering import ON_GPU, PATHS, report, rounds
+from _steering import ON_GPU, PATHS, TINY, report, rounds
 from mfm_fast.graphs import GraphedSteerStep, StaticStep
 from mfm_fast.interpolant import time_grid
 from mfm_fast.memory import activation_bytes_per_row, auto_chunk_size
-from mfm_fast.profile import build_path, forward_flops, steering_problem
+from mfm_fast.profile import (FT_FORWARDS_PER_ROW, FTStep, build_path, forward_flops, ft_model, ft_reward,
+                               steering_problem)
 from mfm_fast.steer import make_step
 from mfm_fast.value import value_and_grad
 
@@ -148,3 +157,46 @@ def test_w4_memory_bound_and_particle_capacity(benchmark, dit, device, dtype, pe
     assert fast_capacity == limit  # auto chunking never runs out of memory
     if device == "cuda":
         assert peak_gib <= W4_BUDGET / GiB, f"peak {peak_gib:.2f} GiB over the 8 GiB bound (chunk {chunk})"
+
+
+FT_REWARDS = ("toy", "hpsv2") if ON_GPU else ("toy",)
+FT_CASES = [(reward, path) for reward in FT_REWARDS for path in ("ref", "fast")]  # the peer first
+
+
+def ft_shape(device):
+    """(rows per step, micro-batch rows; 0 = all): the release's 18 per GPU; 2 in micro-batches of 1 on a CPU."""
+    return (18, 0) if device == "cuda" else (2, 1)
+
+
+@pytest.mark.parametrize("reward, path", FT_CASES, ids=[f"{r}-{p}" for r, p in FT_CASES])
+def test_ft_step(benchmark, reward, path, device, peak, device_info, peer_times):
+    """One MFM-FT optimizer step; the row carries its peak memory per micro-batch row."""
+    if reward == "hpsv2":
+        import importlib.util
+        if importlib.util.find_spec("imscore") is None:
+            pytest.skip("the HPSv2-shaped reward needs imscore (pip install imscore)")
+    rows, micro = ft_shape(device)
+    name, over = ("MFM-XL/2", {}) if device == "cuda" else ("MFM-T/2", TINY)
+    model, impl = ft_model(path, name, device, fast_impl="triton", **over)
+    config = model.config
+    vae = "sd" if device == "cuda" else "tiny"
+    fn, prompts, lam = ft_reward(reward, model, device, vae)
+    step = FTStep(model, fn, rows, micro, prompts, lam, device)
+    del model
+    fixed = None
+    if device == "cuda":  # the first step creates the optimizer state: it is part of the fixed bytes
+        _reset_peak(device)
+        step()
+        fixed = step.fixed_bytes()
+        torch.cuda.reset_peak_memory_stats()
+    logs, seconds = run(benchmark, step, device, **rounds(path, device))
+    memory = step.memory(fixed)
+    assert torch.isfinite(logs["loss"]) and torch.isfinite(logs["grad_norm"]) and logs["grad_norm"] > 0
+    planned = step.planned_bytes_per_row()
+    report(benchmark, f"FT-{reward}", path, impl, seconds, rows * FT_FORWARDS_PER_ROW * forward_flops(config), rows,
+           "rows_per_s", peak, device_info, peer_times, rows=rows, micro_batch=step.micro, reward=reward, vae=vae,
+           lam=lam, autocast="bfloat16" if step.cfg.bf16 and device == "cuda" else None,
+           model_gflop_per_row=FT_FORWARDS_PER_ROW * forward_flops(config) / 1e9,
+           planned_mib_per_row=None if planned is None else planned / 2 ** 20, **memory)
+    if device == "cuda":
+        assert memory["peak_mib_per_row"] > 0

@@ -144,3 +144,70 @@ def test_peers_run_sdpa_and_compiled_peers_do_not_pile_up_recompiles():
             torch.testing.assert_close(call_model(compiled, s, u, xbar, t, x, y=y), expected, rtol=1e-5, atol=1e-5)
     assert not counters["recompiles"] and not any("recompile_limit" in k for k in counters["stats"])
     assert counters["stats"]["unique_graphs"] >= 4
+
+
+def test_profile_ft_workload_on_cpu_reports_step_time_and_memory_per_row(tmp_path, capsys):
+    """--workload ft: one MFM-FT optimizer step (FinetuneRun.train_step) per path at toy size: MFM-T/2, a tiny
+    SD-VAE-shaped decoder, the toy reward with per-row prompts, 2 rows in micro-batches of 1."""
+    out = tmp_path / "ft.json"
+    rc = cli(["profile", "--model", "MFM-T/2", "--workload", "ft", "--ft-batch", "2", "--ft-micro-batch", "1",
+              "--paths", "fast,ref", "--repeat", "1", "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "FT step, MFM-T/2" in table and "tiny VAE decode + toy reward" in table and "not performance" in table
+    assert "W1 ms" not in table  # the steering workloads did not run
+    rep = json.loads(out.read_text())
+    assert rep["config"]["workload"] == "ft"
+    assert rep["config"]["ft"] == {"batch": 2, "micro_batch": 1, "reward": "toy", "vae": "tiny", "autocast": None,
+                                   "weights": "float32"}
+    flops = 6 * forward_flops(make_config("MFM-T/2"))
+    for path in ("fast", "ref"):
+        assert set(rep["paths"][path]) == {"FT"}
+        r = rep["paths"][path]["FT"]
+        assert r["impl"] == {"fast": "torch", "ref": "torch+sdpa"}[path]
+        assert r["rows"] == 2 and r["micro_batch"] == 1 and r["micro_batches"] == 2 and r["lam"] == 1.0
+        assert r["ms"] > 0 and r["rows_per_s"] == pytest.approx(2 / (r["ms"] / 1e3))
+        assert r["model_gflop_per_row"] == pytest.approx(flops / 1e9)
+        assert r["tflops"] == pytest.approx(2 * flops / (r["ms"] / 1e3) / 1e12) and r["pct_of_matmul_peak"] is None
+        assert r["loss"] > 0
+        # measured peak memory needs a GPU; the field is there, and so is what the micro-batch planner assumes
+        assert "peak_mib_per_row" in r and r["peak_mib_per_row"] is None and r["peak_gib"] is None
+        assert r["planned_mib_per_row"] > 0
+        assert r["telemetry"]["available"] is False
+    assert rep["paths"]["fast"]["FT"]["speedup_vs_ref"] == pytest.approx(
+        rep["paths"]["ref"]["FT"]["ms"] / rep["paths"]["fast"]["FT"]["ms"])
+
+
+def test_ft_step_memory_per_row_is_peak_minus_fixed_over_micro_batch_rows(monkeypatch):
+    """The GPU arithmetic, with CUDA's allocator statistics stubbed: (peak − fixed bytes) / micro-batch rows."""
+    from mfm_fast.profile import FTStep, ft_model, ft_reward
+    model, _ = ft_model("ref", "MFM-T/2", "cpu", depth=1, encoder_depth=1)
+    reward, prompts, lam = ft_reward("quadratic", model, "cpu")
+    step = FTStep(model, reward, 6, 4, prompts, lam, "cpu")
+    assert step.micro == 4 and step.fixed_bytes() is None
+    assert step.memory(None) == {"peak_gib": None, "peak_reserved_gib": None, "fixed_gib": None,
+                                 "peak_mib_per_row": None}
+    logs = step()
+    assert torch.isfinite(logs["loss"]) and logs["grad_norm"] > 0
+    GiB, MiB = 2 ** 30, 2 ** 20
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * GiB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * GiB + 400 * MiB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 4 * GiB)
+    step.run.device = torch.device("cuda")
+    fixed = step.fixed_bytes()
+    assert fixed == 3 * GiB
+    assert step.memory(fixed) == {"peak_gib": pytest.approx(3 + 400 / 1024), "peak_reserved_gib": 4.0,
+                                  "fixed_gib": 3.0, "peak_mib_per_row": pytest.approx(100.0)}
+
+
+def test_profile_ft_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="FT workload runs the paths fast and ref"):
+        cli(["profile", "--model", "MFM-T/2", "--workload", "ft", "--paths", "compile", "--device", "cpu"])
+    for bad in (["--ft-batch", "0"], ["--ft-micro-batch", "-1"], ["--workload", "train"], ["--ft-reward", "x"]):
+        with pytest.raises(SystemExit):
+            cli(["profile", "--model", "MFM-T/2", "--workload", "ft", "--device", "cpu", *bad])
+    from mfm_fast.profile import ft_model, ft_reward
+    digits, _ = ft_model("ref", "MFM-Digits", "cpu", depth=1, encoder_depth=1)
+    with pytest.raises(ValueError, match="4-channel latents"):
+        ft_reward("toy", digits, "cpu", "tiny")
