@@ -3,7 +3,8 @@
 Each row reports the op's minimal memory traffic as GB/s and as % of the device copy bandwidth measured in the
 same run (W5 in BENCHMARKS.md is ln_modulate at 256·256 tokens × 1152). Fast-path rows also carry their speedup
 over the peers measured just before them. On the CPU this is a smoke run at tiny shapes (fast path under the
-Triton interpreter; torch.compile with the "eager" backend so that only the tracing is exercised).
+Triton interpreter; torch.compile with the "eager" backend so that only the tracing is exercised). The jvp
+attention rows (`test_attention_jvp`) compare the fused dual kernel with the explicit-softmax path in TFLOP/s.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from _common import on_cuda, run
 from mfm_fast.ops.adaln import ln_modulate, ln_modulate_ref
+from mfm_fast.ops.attention import attention_jvp, attention_ref
 from mfm_fast.ops.bias_gelu import bias_gelu, bias_gelu_ref
 from mfm_fast.ops.gate_residual import gate_residual_ln_modulate, gate_residual_ln_modulate_ref
 from mfm_fast.ops.input_stage import input_stage, input_stage_ref
@@ -142,6 +144,34 @@ def test_op(benchmark, name, pass_, impl, device, dtype, shapes, device_info, pe
         for peer in ("eager", "compile"):
             if (name, pass_, peer) in peer_times:
                 benchmark.extra_info[f"speedup_vs_{peer}"] = peer_times[(name, pass_, peer)] / seconds
+
+
+ATTENTION_IMPLS = ("math", "fused")  # the peer first, so the fused row can report its speedup
+
+
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+def test_attention_jvp(benchmark, impl, device, dtype, device_info, peer_times):
+    """torch.func.jvp of attention (output and tangent: the flow-map losses' forward) at MFM-XL/2's attention shape
+    (32 rows, 16 heads, 256 tokens, head dim 72): the fused dual kernel (`attention_jvp`) against the explicit-
+    softmax path ("math", `attention_ref`) that the dispatch used under jvp before it. On the CPU a smoke run at
+    (2, 2, 17, 72) under the Triton interpreter."""
+    R, H, L, Dh = (32, 16, 256, 72) if on_cuda(device) else (2, 2, 17, 72)
+    torch.manual_seed(0)
+    primals = tuple(torch.randn(R, H, L, Dh, device=device, dtype=dtype) for _ in range(3))
+    tangents = tuple(torch.randn_like(t) for t in primals)
+    fn = attention_jvp if impl == "fused" else attention_ref
+    with torch.no_grad():
+        out, seconds = run(benchmark, lambda: torch.func.jvp(fn, primals, tangents), device)
+        expected = torch.func.jvp(attention_ref, primals, tangents)
+    _assert_close(out, expected, dtype)
+    peer_times[("attention_jvp", "jvp", impl)] = seconds
+    # the six L×L×Dh matmuls of the output and its tangent (S, Ṡ from q̇ and from k̇, P v, (P∘Ṡ) v, P v̇)
+    tflops = 12 * R * H * L * L * Dh / seconds / 1e12
+    # keyed "attention", not "op": results_table.py lays out the W5 "op" rows as GB/s against eager/compile peers
+    benchmark.extra_info.update(device_info, attention="jvp", impl=impl, dtype=str(dtype), shape=[(R, H, L, Dh)] * 3,
+                                tflops=tflops)
+    if impl == "fused" and ("attention_jvp", "jvp", "math") in peer_times:
+        benchmark.extra_info["speedup_vs_math"] = peer_times[("attention_jvp", "jvp", "math")] / seconds
 
 
 def test_copy_bandwidth(benchmark, device, device_info):

@@ -111,7 +111,8 @@ def model_workloads(config: str = "MFM-XL/2", dtype: torch.dtype = torch.bfloat1
     """Workload name -> recorded launches of MFMDiT(config) with the Triton ops, on meta tensors.
 
     For each (states G, particles N): the forward; the backward to xbar, x, the times and every weight; and
-    torch.func.jvp with tangents on every input and on u alone (the flow-map losses' ∂_u X)."""
+    torch.func.jvp with tangents on every input and on u alone (the flow-map losses' ∂_u X); and the fused
+    jvp-capable attention (forward, backward, jvp) at the model's attention shapes."""
     from .ops.table import triton_ops
     from .models.dit import MFMDiT
 
@@ -156,6 +157,18 @@ def model_workloads(config: str = "MFM-XL/2", dtype: torch.dtype = torch.bfloat1
             with torch.no_grad():
                 torch.func.jvp(gate_residual, (xs, br, gate), (xs, br, gate))
         out[f"gate_residual {tag}"] = rec
+        # the fused jvp-capable attention: the dispatcher picks it under torch.func.jvp on a GPU, never on meta
+        # tensors, so its launches are recorded directly, on the model's strided q, k, v views of one qkv tensor
+        from .ops.attention import attention_jvp
+        H = model.config.num_heads
+        qkv = torch.randn(G * N, L, 3, H, D // H, device="meta", dtype=dtype).permute(2, 0, 3, 1, 4)
+        q, k, v = (t.detach().requires_grad_() for t in qkv.unbind(0))  # each (R, H, L, Dh)
+        with record_launches() as rec:
+            attention_jvp(q, k, v).float().sum().backward()
+            with torch.no_grad():
+                torch.func.jvp(attention_jvp, (q, k, v), (q, k, v))
+                torch.func.jvp(lambda q_: attention_jvp(q_, k, v), (q,), (q,))
+        out[f"attention_jvp {tag}"] = rec
     return out
 
 

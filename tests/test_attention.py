@@ -7,6 +7,10 @@ import torch.nn.functional as F
 
 from mfm_fast.ops import attention as att
 from mfm_fast.ops.attention import attention, attention_backends, attention_ref, backend_table
+from mfm_fast.ops.launch import interpreter_on
+
+# the fused Triton attention (with its jvp) is a CPU backend only under the interpreter
+CPU_BACKENDS = ["sdpa", "triton", "math"] if interpreter_on() else ["sdpa", "math"]
 
 
 def qkv(shape=(3, 2, 17, 72), dtype=torch.float32, device="cpu"):
@@ -16,7 +20,7 @@ def qkv(shape=(3, 2, 17, 72), dtype=torch.float32, device="cpu"):
 def test_cpu_dispatch_matches_reference_with_gradients():
     q, k, v = [t.requires_grad_() for t in qkv()]
     table = attention_backends(q, k, v)
-    assert [name for name, ok, _ in table if ok] == ["sdpa", "math"]
+    assert [name for name, ok, _ in table if ok] == CPU_BACKENDS
     out, out_ref = attention(q, k, v), attention_ref(q, k, v)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     dout = torch.randn_like(out)
@@ -35,7 +39,7 @@ def test_jvp_takes_the_jvp_capable_path_and_matches_reference():
 
     out, tan = torch.func.jvp(f, (q, k, v), tangents)
     out_ref, tan_ref = torch.func.jvp(attention_ref, (q, k, v), tangents)
-    assert chosen == ["math"]
+    assert chosen == ["triton" if interpreter_on() else "math"]
     torch.testing.assert_close(tan, tan_ref, rtol=1e-5, atol=1e-5)
     assert attention_backends(q, k, v, need_jvp=True)[3][1] is False  # sdpa declares no jvp rule
     with torch.autograd.forward_ad.dual_level():
@@ -61,7 +65,7 @@ def test_declared_capabilities_pick_the_first_fitting_backend(monkeypatch, capab
                                                               expected):
     _fake_gpu(monkeypatch, capability, installed)
     table = backend_table("cuda", dtype, 72, need_jvp)
-    assert [name for name, _, _ in table] == ["fa3", "fa2", "xformers", "sdpa", "math"]
+    assert [name for name, _, _ in table] == ["fa3", "fa2", "xformers", "sdpa", "triton", "math"]
     assert next(name for name, ok, _ in table if ok) == expected
     for _, ok, reasons in table:
         assert ok == (not reasons)

@@ -160,7 +160,14 @@ def _opcheck_cases():
     times, w1, b1 = torch.rand(3, 2, generator=g), randn(g, 2, D, 34, scale=0.2), randn(g, 2, D)
     m = torch.ops.mfm_fast
     c = lambda t: t.clone()  # noqa: E731
+    q, k, v = randn(g, 2, 2, 5, 16), randn(g, 2, 2, 7, 16), randn(g, 2, 2, 7, 16)
+    scores = torch.einsum("rhld,rhmd->rhlm", q, k) / 4.0
+    o, lse = scores.softmax(-1) @ v, torch.logsumexp(scores, -1)  # no kernel at collection time
     return {
+        "attention": (m.attention.default, _req(c(q), c(k), c(v))),
+        "attention_bwd": (m.attention_bwd.default, (randn(g, 2, 2, 5, 16), q, k, v, o, lse)),
+        "attention_jvp": (m.attention_jvp.default, (*_req(c(q), c(k), c(v)), randn(g, 2, 2, 5, 16), None,
+                                                    randn(g, 2, 2, 7, 16))),
         "ln_modulate": (m.ln_modulate.default, (*_req(c(x), c(shift), c(scale)), 1e-6)),
         "ln_modulate_bwd": (m.ln_modulate_bwd.default, (randn(g, G * N, L, D), x, scale, 1e-6, True)),
         "ln_modulate_jvp": (m.ln_modulate_jvp.default, (*_req(c(x), c(scale)), randn(g, G * N, L, D), None,

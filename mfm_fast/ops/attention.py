@@ -1,10 +1,13 @@
 """Attention for MFMDiT: softmax(q kᵀ/√d) v, no mask.
 
 `attention_ref` is the explicit-softmax spec (supports every autograd transform, incl. torch.func.jvp).
-`attention` dispatches FA3 → FA2 → xformers → PyTorch SDPA → the explicit-softmax path ("math"), taking the first
-backend whose declared capabilities (device, dtype, head dim, forward-mode AD) fit the inputs. flash-attn and
-xformers are optional and imported lazily. MFM_FAST_ATTENTION=name[,name...] restricts the candidates; when none
-fits, the error lists every backend's reasons.
+`attention_jvp` is the fused Triton twin with a forward-mode rule: flash-style kernels (csrc_triton/attention_jvp.py)
+for the output, its jvp tangent and the backward, never an L×L matrix in memory.
+`attention` dispatches FA3 → FA2 → xformers → PyTorch SDPA → Triton ("triton", `attention_jvp`) → the
+explicit-softmax path ("math"), taking the first backend whose declared capabilities (device, dtype, head dim,
+forward-mode AD) fit the inputs: under torch.func.jvp (the flow-map losses) only "triton" and "math" declare a jvp
+rule. flash-attn and xformers are optional and imported lazily. MFM_FAST_ATTENTION=name[,name...] restricts the
+candidates; when none fits, the error lists every backend's reasons.
 """
 from __future__ import annotations
 
@@ -13,11 +16,15 @@ import importlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
+from torch.library import triton_op, wrap_triton
+
+from .launch import (cdiv, check_kernel_inputs, differentiable_by_recompute, interpreter_on, new_buffer,
+                     tangent_needs_grad, tangent_or_zero)
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -133,6 +140,29 @@ def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def _triton_reasons(device, dtype, head_dim, need_jvp):
+    reasons = []
+    if _import("triton") is None:
+        reasons.append("the triton package is not installed")
+    if dtype not in (*_HALF, torch.float32):
+        reasons.append(f"needs float16/bfloat16/float32, inputs are {dtype}")
+    if device.type == "cuda":
+        major, minor = _cuda_capability(device)
+        need = 8 if dtype == torch.bfloat16 else 7
+        if major < need:
+            reasons.append(f"needs compute capability {need}.0 or newer for {dtype}, this GPU is {major}.{minor}")
+    elif device.type == "cpu":
+        if not interpreter_on():
+            reasons.append("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+        elif dtype in _HALF:
+            reasons.append(f"the Triton interpreter runs float32 only, inputs are {dtype}")
+    else:
+        reasons.append(f"needs a CUDA device (or CPU tensors under TRITON_INTERPRET=1), inputs are on {device}")
+    if head_dim > _MAX_HEAD_DIM:
+        reasons.append(f"head dim {head_dim} > {_MAX_HEAD_DIM}")
+    return reasons
+
+
 def _math_reasons(device, dtype, head_dim, need_jvp):
     return [] if dtype.is_floating_point else [f"needs a floating-point dtype, inputs are {dtype}"]
 
@@ -149,6 +179,7 @@ BACKENDS = (
     _Backend("fa2", _fa2_reasons, _fa2),
     _Backend("xformers", _xformers_reasons, _xformers),
     _Backend("sdpa", _sdpa_reasons, _sdpa),
+    _Backend("triton", _triton_reasons, lambda q, k, v: attention_jvp(q, k, v)),  # fused, with a jvp rule
     _Backend("math", _math_reasons, attention_ref),  # explicit softmax: every autograd transform, incl. jvp
 )
 BACKEND_NAMES = tuple(b.name for b in BACKENDS)
@@ -247,3 +278,204 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _Backen
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q (R, H, Lq, Dh), k, v (R, H, Lk, Dh) -> (R, H, Lq, Dh) = softmax(q kᵀ/√Dh) v, first capable backend."""
     return select_backend(q, k, v).run(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------- attention_jvp
+# The fused Triton op: o and the log-sum-exp in one flash-style pass; backward from the saved log-sum-exp (δ and dq,
+# then dk and dv, no atomics); the jvp tangent by the same forward kernel run with tangents.
+_MAX_HEAD_DIM = 256  # one head row is a single register tile (padded to a power of two)
+
+attention_jvp_ref = attention_ref  # the spec, under the fused op's name (same signature)
+
+
+class AttentionTiles(NamedTuple):
+    block_m: int  # query rows per program (forward, jvp, dq); query rows per inner step of dk/dv
+    block_n: int  # key rows per inner step (forward, jvp, dq); key rows per program of dk/dv
+    block_d: int  # the head dim rounded up to a power of two, at least 16 (tl.dot's minimum)
+    num_warps: int
+    num_stages: int
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, picked from sm_90 compiles (`python -m mfm_fast kernels`;
+# triton 3.6 and 3.9) to use no local memory: 16-bit at head dims 16-256, fp32 at 72 (XL/2, 128-wide tiles), except
+# the fp32 jvp (~1 KB of spills at every size tried: four fp32 operand tiles on the FMA units). Not timed on a GPU.
+_TILES_16BIT = {64: dict(fwd=(128, 64, 4, 3), jvp=(64, 64, 4, 3), bwd=(64, 64, 4, 3)),
+                128: dict(fwd=(128, 64, 8, 3), jvp=(64, 32, 8, 3), bwd=(64, 32, 8, 3)),
+                256: dict(fwd=(64, 32, 8, 3), jvp=(16, 32, 4, 3), bwd=(32, 32, 8, 3))}
+_TILES_FP32 = dict(fwd=(32, 32, 8, 3), jvp=(16, 16, 4, 1), bwd=(32, 32, 8, 3))  # fp32 matmuls on the FMA units
+
+
+def attention_tiles(head_dim: int, kind: str, dtype: torch.dtype) -> AttentionTiles:
+    """Tiles for kind "fwd" (o, lse), "jvp" (the tangent: twice the accumulators) or "bwd" (dq; dk, dv)."""
+    if kind not in ("fwd", "jvp", "bwd"):
+        raise ValueError(f"kind must be 'fwd', 'jvp' or 'bwd', got {kind!r}")
+    block_d = max(16, 1 << max(head_dim - 1, 0).bit_length())
+    table = _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT[max(64, block_d)]
+    m, n, warps, stages = table[kind]
+    return AttentionTiles(m, n, block_d, warps, stages)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides over (R, H, L) but read the head dim with unit stride."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> tuple:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _kernels():
+    return _import("csrc_triton.attention_jvp")
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 stays fp32 through the matmuls (no silent TF32); 16-bit operands use the tensor cores either way
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch_fwd(q, k, v, tq, tk, tv, o, lse, to, kind: str) -> None:
+    """The forward kernel: (o, lse) when o is given, the tangent `to` when any of tq, tk, tv is given."""
+    R, H, Lq, Dh = q.shape
+    tiles = attention_tiles(Dh, kind, q.dtype)
+    placeholder = to if o is None else o
+    tangent_strides = [_strides(t if t is not None else p) for t, p in ((tq, q), (tk, k), (tv, v))]
+    wrap_triton(_kernels().attention_fwd_kernel)[(R * H, cdiv(Lq, tiles.block_m))](
+        q, k, v, *(t if t is not None else p for t, p in ((tq, q), (tk, k), (tv, v))),
+        placeholder, to if to is not None else placeholder, lse if lse is not None else placeholder,
+        *_strides(q), *_strides(k), *_strides(v), *(s for st in tangent_strides for s in st),
+        H, Lq, k.shape[2], Dh, 1.0 / math.sqrt(Dh),
+        HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None, STORE_O=o is not None,
+        PRECISION=_precision(q.dtype), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
+@triton_op("mfm_fast::attention", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (o (R, H, Lq, Dh) contiguous, lse (R, H, Lq) fp32: the natural log-sum-exp of each score row)."""
+    o = new_buffer(q.shape, q.dtype, q.device)
+    lse = new_buffer(q.shape[:3], torch.float32, q.device)
+    _launch_fwd(q, k, v, None, None, None, o, lse, None, "fwd")
+    return o, lse
+
+
+@triton_op("mfm_fast::attention_bwd", mutates_args=())
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv), contiguous; o contiguous (the forward's output), do with a unit head-dim stride."""
+    R, H, Lq, Dh = q.shape
+    Lk = k.shape[2]
+    tiles = attention_tiles(Dh, "bwd", q.dtype)
+    kern = _kernels()
+    dq = new_buffer(q.shape, q.dtype, q.device)
+    dk = new_buffer(k.shape, k.dtype, k.device)
+    dv = new_buffer(v.shape, v.dtype, v.device)
+    delta = new_buffer(q.shape[:3], torch.float32, q.device)  # rowsum(do ∘ o), written by the dq kernel
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    meta = dict(PRECISION=_precision(q.dtype), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                BLOCK_D=tiles.block_d, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    scalars = (H, Lq, Lk, Dh, 1.0 / math.sqrt(Dh))
+    wrap_triton(kern.attention_bwd_dq_kernel)[(R * H, cdiv(Lq, tiles.block_m))](
+        q, k, v, o, do, lse, delta, dq, *strides, *scalars, **meta)
+    wrap_triton(kern.attention_bwd_dkdv_kernel)[(R * H, cdiv(Lk, tiles.block_n))](
+        q, k, v, do, lse, delta, dk, dv, *strides, *scalars, **meta)
+    return dq, dk, dv
+
+
+def attention_bwd_ref(do, q, k, v):
+    """PyTorch twin of _attention_bwd, differentiable: the vjp of `attention_ref` -> (dq, dk, dv)."""
+    return torch.func.vjp(attention_ref, q, k, v)[1](do)
+
+
+@triton_op("mfm_fast::attention_jvp", mutates_args=())
+def _attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: Optional[torch.Tensor],
+                   tk: Optional[torch.Tensor], tv: Optional[torch.Tensor]) -> torch.Tensor:
+    """The jvp tangent of o for tangents (tq, tk, tv) of (q, k, v); an absent tangent is zero."""
+    if tq is None and tk is None and tv is None:
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    to = new_buffer(q.shape, q.dtype, q.device)
+    _launch_fwd(q, k, v, tq, tk, tv, None, None, to, "jvp")
+    return to
+
+
+def attention_tangent_ref(q, k, v, tq, tk, tv):
+    """PyTorch twin of _attention_jvp: the tangent of `attention_ref` (explicit L×L softmax)."""
+    tangents = tuple(tangent_or_zero(t, p) for t, p in ((tq, q), (tk, k), (tv, v)))
+    return torch.func.jvp(attention_ref, (q, k, v), tangents)[1]
+
+
+# A loss on the tangent itself (LSD differentiates ∂_u X_{s,u} w.r.t. the weights) backpropagates through the jvp by
+# recomputing attention_tangent_ref in the backward: the forward keeps the fused kernel and holds no L×L matrix until
+# the backward, which pays for the explicit softmax one layer at a time.
+differentiable_by_recompute(_attention_jvp, attention_tangent_ref)
+
+
+def _fold_batch(t: torch.Tensor, dim: Optional[int], size: int) -> torch.Tensor:
+    """A vmapped (R, H, L, Dh) argument -> (B·R, H, L, Dh): the vmap batch is more rows."""
+    t = t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+    return t.reshape(size * t.shape[1], *t.shape[2:])
+
+
+class Attention(torch.autograd.Function):
+    """o = softmax(q kᵀ/√Dh) v by the fused kernels: forward (also returns the non-differentiable log-sum-exp),
+    backward from the saved log-sum-exp, jvp by the dual kernel, vmap by folding the batch into the rows."""
+
+    @staticmethod
+    def forward(q, k, v):
+        return _attention_fwd(q, k, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        o, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an absent tangent stays None: its matmuls are compiled out
+        ctx.save_for_backward(*inputs, o, lse)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        if do is None:
+            return None, None, None
+        q, k, v, o, lse = ctx.saved_tensors
+        if tangent_needs_grad(do, q, k, v):
+            # a backward that is itself differentiated (create_graph=True, torch.func.grad, whose backward always
+            # builds a graph): the reference's vjp, from differentiable torch ops (second order, rare)
+            dq, dk, dv = attention_bwd_ref(do, q, k, v)
+        else:
+            dq, dk, dv = _attention_bwd(_unit_last(do), q, k, v, o, lse)
+        need = ctx.needs_input_grad
+        return (dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None)
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv):
+        q, k, v = ctx.saved_tensors
+        tq, tk, tv = (None if t is None else _unit_last(t) for t in (tq, tk, tv))
+        return _attention_jvp(q, k, v, tq, tk, tv), None
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v):
+        B = info.batch_size
+        o, lse = Attention.apply(*(_unit_last(_fold_batch(t, d, B)) for t, d in zip((q, k, v), in_dims)))
+        return (o.view(B, -1, *o.shape[1:]), lse.view(B, -1, *lse.shape[1:])), (0, 0)
+
+
+# torch.compile cannot trace an autograd.Function that defines jvp, so under compile the op itself carries the
+# backward (forward-mode AD stays eager-only there)
+_attention_fwd.register_autograd(Attention.backward, setup_context=Attention.setup_context)
+
+
+def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Fused Triton twin of `attention_ref`: q (R, H, Lq, Dh), k, v (R, H, Lk, Dh) -> (R, H, Lq, Dh), q's dtype.
+
+    Flash-style (online softmax, fp32 statistics): no L×L matrix in memory, in any pass. Differentiable in reverse
+    mode (fused backward from the saved log-sum-exp) and forward mode (torch.func.jvp, forward_ad: the dual kernel
+    computes the tangent); reverse mode through a jvp tangent recomputes `attention_tangent_ref` in the backward.
+    Inputs may be strided over (R, H, L) (e.g. slices of a fused qkv projection); head dims up to 256.
+    """
+    _check(q, k, v)
+    check_kernel_inputs("attention_jvp", q=q, k=k, v=v)
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        raise ValueError(f"attention_jvp: head dim {q.shape[-1]} > {_MAX_HEAD_DIM}; use attention_ref")
+    if q.numel() == 0 or k.numel() == 0:
+        return attention_ref(q, k, v)
+    args = tuple(_unit_last(t) for t in (q, k, v))
+    return (_attention_fwd(*args) if torch.compiler.is_compiling() else Attention.apply(*args))[0]
