@@ -9,9 +9,10 @@ install:
 install-core:
 	PYTHON=$(PY) bash scripts/install.sh dev
 
-# README command 1: the main job
+# README command 1: the main job; then its model goes to outputs/gmm_mfm.pt, which README's first example loads
 demo: install-core
 	$(PY) -m mfm_fast demo
+	$(PY) scripts/export_demo_model.py outputs/gmm_mfm.pt
 
 # README command 2: the whole CPU suite (reference path + Triton interpreter tier + benchmark smoke tests)
 test: install

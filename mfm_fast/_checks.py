@@ -141,6 +141,24 @@ def check_positive_int(name: str, n) -> int:
     return n
 
 
+def check_label(name: str, value) -> int:
+    """A class label as an int: Python/numpy integers, 0-dim integer tensors, and floats or 0-dim float tensors
+    holding a whole number; 2.7 is refused (int() would truncate it to another class silently), as are bools."""
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a single integer class label, got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an integer class label, got {type(value).__name__} {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{name} must be an integer class label, got {value!r} (it would be truncated to "
+                             f"another class)")
+        return int(value)
+    return int(value.__index__()) if not isinstance(value, int) else value
+
+
 def check_finite_scalar(name: str, value) -> float:
     value = float(value)
     if not math.isfinite(value):

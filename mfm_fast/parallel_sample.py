@@ -48,7 +48,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import distributed as D
-from ._checks import model_dtype
+from ._checks import check_label, model_dtype
 from .sampling import randn_rows, refine_sample
 from .steer import steer
 
@@ -104,11 +104,11 @@ def rank_shards(num_shards: int, rank: int, world: int) -> range:
 # ---------------------------------------------------------------------------------------------- shard builders
 def _noise_and_labels(model, label, gens, like):
     """Per sample: its class (drawn first when label == "random") and its initial noise, from its own generator."""
-    if label == "random":
+    if isinstance(label, str) and label == "random":
         nc = model.config.num_classes
         y = torch.cat([torch.randint(nc, (1,), generator=g, device=like.device) for g in gens])
     else:
-        y = torch.full((len(gens),), int(label), dtype=torch.long, device=like.device)
+        y = torch.full((len(gens),), check_label("label", label), dtype=torch.long, device=like.device)
     return randn_rows((len(gens), *model.event_shape), like, gens), y
 
 
@@ -120,6 +120,9 @@ def refine_shard(model, decode: Callable, steps: int, label, cfg=None, context=c
     """make_shard for `run_sharded`: K-step refinement samples of class `label` (an int, or "random": one class per
     sample from its generator) with guidance weight `cfg`, decoded to images in [0, 1] by `decode(latents)`.
     `context()` wraps the network calls (e.g. autocast)."""
+    if not (isinstance(label, str) and label == "random"):
+        check_label("label", label)  # now, not at the first shard: 2.7 would be truncated to class 2
+
     def make_shard(gens, start, stop):
         noise, y = _noise_and_labels(model, label, gens, _like(model, gens[0].device))
         cond = {"y": y} if cfg is None else {"y": y, "cfg": cfg}
@@ -141,6 +144,8 @@ def steer_shard(model, decode: Callable, reward, reward_name: str, label: int, c
         raise ValueError(f"method={steer_kw.get('method')!r} (search_mode={steer_kw.get('search_mode')!r}) couples "
                          "the samples of a population and cannot be sharded; call mfm_fast.steer with population= "
                          "instead")
+    if not (isinstance(label, str) and label == "random"):
+        check_label("label", label)
 
     def make_shard(gens, start, stop):
         noise, y = _noise_and_labels(model, label, gens, _like(model, gens[0].device))

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import check_positive_int, check_state
+from ._checks import check_finite, check_label, check_positive_int, check_state, host_checks_allowed
 from ._torchvision import ensure_torchvision
 
 DEFAULT_TEMPLATE = "A high-quality, high-resolution photograph of a {class}."  # the release's prompt
@@ -81,7 +81,8 @@ def class_prompts(labels, template: str = DEFAULT_TEMPLATE, names: Optional[Sequ
         raise ValueError(f"template must contain '{{class}}', got {template!r}")
     names = class_names() if names is None else list(names)
     labels = labels.tolist() if torch.is_tensor(labels) else list(labels)
-    return [template.replace("{class}", names[i] if 0 <= i < len(names) else str(i)) for i in map(int, labels)]
+    labels = [check_label(f"labels[{k}]", v) for k, v in enumerate(labels)]  # 2.7 is refused, not truncated to 2
+    return [template.replace("{class}", names[i] if 0 <= i < len(names) else str(i)) for i in labels]
 
 
 FT_PROMPT_PREFIX = "A high-resolution, high-quality photograph of a "  # the release's fine-tuning prompt prefix
@@ -556,6 +557,25 @@ def build_scorers(specs, device="cpu") -> dict[str, RewardModel]:
     return scorers
 
 
+IMAGE_RANGE_TOLERANCE = 1 / 255  # one 8-bit level: rounding of a clamped decode, not a 0–255 or [-1, 1] image
+
+
+def check_image_range(name: str, images: torch.Tensor) -> None:
+    """Images in [0, 1] (up to IMAGE_RANGE_TOLERANCE) and finite: a NaN image or one in 0–255 or [-1, 1] would
+    otherwise be scored as if it were a picture."""
+    check_finite(**{name: images})
+    if images.numel() == 0 or not host_checks_allowed(images):
+        return
+    lo, hi = float(images.detach().min()), float(images.detach().max())
+    if lo < -IMAGE_RANGE_TOLERANCE or hi > 1 + IMAGE_RANGE_TOLERANCE:
+        hint = ""
+        if hi > 2:
+            hint = " (0–255 pixel values? divide them by 255)"
+        elif lo < -0.5:
+            hint = " ([-1, 1] values? map them with (x + 1) / 2)"
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}")
+
+
 def score_images(images: torch.Tensor, scorers: dict, prompts: Optional[Prompts] = None,
                  batch_size: Optional[int] = None) -> dict[str, list[float]]:
     """Score decoded images (B, 3, H, W) in [0, 1] under every scorer: {name: B floats}, without gradients.
@@ -566,6 +586,7 @@ def score_images(images: torch.Tensor, scorers: dict, prompts: Optional[Prompts]
     check_state("images", images)
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape (B, 3, H, W) with values in [0, 1], got {tuple(images.shape)}")
+    check_image_range("images", images)
     B = images.shape[0]
     step = B if batch_size is None else check_positive_int("batch_size", batch_size)
     per_image = None if prompts is None else expand_prompts(prompts, B)

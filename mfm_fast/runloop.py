@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed as D
+from .integrity import check_zip_crc
 
 FORMAT = "mfm_fast.checkpoint"
 VERSION = 1
@@ -142,9 +143,13 @@ def atomic_save(obj: dict, path: str) -> None:
 
 
 def read_checkpoint(path: str, map_location=None) -> dict:
-    """torch.load(weights_only=True) plus a check that the file is an mfm_fast checkpoint."""
+    """torch.load(weights_only=True) plus checks that the file is intact (its zip CRC-32s, `integrity`) and an
+    mfm_fast checkpoint."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
+    damage = check_zip_crc(path)  # torch.load skips the zip's CRC-32s: a flipped byte would load as a changed weight
+    if damage is not None:
+        raise ValueError(f"{path!r} is a corrupt checkpoint: a CRC-32 check failed ({damage}); it cannot be trusted")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 — any unpickling failure means "not our file"

@@ -6,14 +6,18 @@ build on this module, which imports neither.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
+import threading
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from ._checks import check_finite_scalar, check_input, check_positive_int
+from ._checks import check_finite_scalar, check_input, check_positive_int, host_checks_allowed
 from .interpolant import time_grid
 from .rewards import reward_name
 from .value import Cost, check_chunk_size, check_jackknife, estimate, mfmgf_release_ratio
@@ -28,9 +32,16 @@ class SteerResult:
     cost: Cost  # work counted while sampling (the diagnostic `rewards` below are not included)
     rewards: torch.Tensor  # (B,) reward of each returned sample
     particles: Optional[torch.Tensor] = None  # SMC: the weighted particles before the final resampling
-    log_weights: Optional[torch.Tensor] = None  # SMC: their normalised log weights (per population)
-    log_normalizer: Optional[torch.Tensor] = None  # SMC: log Ẑ per population, Ẑ unbiased for E_base[exp(λ·r)]
+    log_weights: Optional[torch.Tensor] = None  # SMC: their normalised log weights (per population), float64
+    log_normalizer: Optional[torch.Tensor] = None  # SMC: log Ẑ per population, Ẑ unbiased for E_base[exp(λ·r)]; float64
+    # (both scale with λ: `value.log_weights`)
     n_resamples: int = 0  # SMC: resampling events (summed over populations), the final one excluded
+    # SMC diagnostics, per step k = 1..K (after step k's reweighting, before its resampling) and population (G):
+    ess: Optional[torch.Tensor] = None  # (K, G) effective sample size of the weights
+    log_weight_var: Optional[torch.Tensor] = None  # (K, G) variance of the log weights within the population
+    resampled: Optional[torch.Tensor] = None  # (K, G) bool: resampled after step k (the final resampling excluded)
+    lambdas: Optional[torch.Tensor] = None  # (K+1, G) the twist's tempered λ at t_0..t_K (λ at t_K)
+    degenerate: Optional[torch.Tensor] = None  # (G,) bool: one particle held (almost) all the weight at some step
 
     @property
     def mean_reward(self) -> float:
@@ -155,6 +166,90 @@ def make_step(model, reward, *, method: str = "mfm-g", sde: bool = False, lam: f
 
 
 # ---------------------------------------------------------------------------------------------- shared by the loops
+# A steered state this many times the larger of 1 and the initial noise's largest |entry| has left the data's scale:
+# the explicit Euler step cannot follow a steering term λ·∇̂V that large (it overshoots, and each step overshoots
+# more). Such states are finite, so they are returned, with a SteeringDivergenceWarning naming lam; once they turn
+# non-finite (or the reward or SMC's weights overflow on them) the loop stops with a ValueError naming lam
+# (`divergence_named`), not one blaming the reward.
+DIVERGENCE_FACTOR = 1e6
+
+
+class SteeringDivergenceWarning(RuntimeWarning):
+    """Steered states left the data's scale (`check_diverged`); `warnings.simplefilter("error",
+    SteeringDivergenceWarning)` turns it into an exception."""
+
+
+class DivergenceWatch:
+    """State of one eager steering loop for `check_diverged`: the bound on |x|, whether it warned, whether the
+    states are beyond the bound, and the last step checked."""
+
+    def __init__(self, scale: float):
+        self.scale, self.bound = scale, DIVERGENCE_FACTOR * scale
+        self.warned, self.beyond, self.where = False, False, None
+
+    def advice(self) -> str:
+        step, steps, t, method, lam, renorm, _ = self.where
+        return (f"With method={method!r}, lam={lam:g} and renorm={renorm!r} the steering term λ·∇̂V is too large for "
+                f"this time grid and the Euler steps overshoot; lower lam, pass renorm='rescale' (or 'clip'), or take "
+                f"more steps")
+
+
+_ACTIVE = threading.local()  # the watch of the loop `divergence_named` wraps
+
+
+def divergence_scale(noise: torch.Tensor) -> Optional[DivergenceWatch]:
+    """The watch `check_diverged` keeps over an eager loop started from `noise` (None where host reads are not
+    allowed: CUDA-graph capture, compile, functorch); `divergence_named` around the loop reads it."""
+    if not host_checks_allowed(noise):
+        return None
+    watch = DivergenceWatch(max(1.0, float(noise.detach().abs().amax())))
+    _ACTIVE.watch = watch
+    return watch
+
+
+@contextlib.contextmanager
+def divergence_named():
+    """Around a steering loop: a ValueError raised once `check_diverged` has seen states beyond the bound (the
+    reward overflowing on them, SMC's weights turning non-finite) is re-raised naming lam and the remedies, not
+    left to blame the reward. The original message is kept in the new one."""
+    _ACTIVE.watch = None
+    try:
+        yield
+    except ValueError as err:
+        w = getattr(_ACTIVE, "watch", None)
+        if w is None or not w.beyond or w.where is None or "lam=" in str(err):
+            raise
+        step, steps, t, *_, top = w.where
+        raise ValueError(f"steering diverged after step {step} of {steps} (t = {t:.4g}): the states had left the "
+                         f"data's scale (|x| up to {top:.3g}; the noise started within {w.scale:.3g}), and then: "
+                         f"{str(err).rstrip('.')}. {w.advice()}") from err
+    finally:
+        _ACTIVE.watch = None
+
+
+def check_diverged(x: torch.Tensor, k: int, steps: int, t, watch: Optional[DivergenceWatch], method: str,
+                   lam: float, renorm: Optional[str]) -> None:
+    """After step k of `steps`: a ValueError naming lam if a state is non-finite; a SteeringDivergenceWarning naming
+    lam (once per loop) if states are finite but beyond the watch's bound. One host read per step (the reward
+    checks already read back once per call)."""
+    if watch is None:
+        return
+    xd = x.detach()
+    top = float(xd.abs().amax())
+    watch.where = (k + 1, steps, float(t), method, lam, renorm, top)
+    watch.beyond = not top <= watch.bound  # True for NaN too
+    if not watch.beyond:
+        return
+    if not math.isfinite(top):
+        raise ValueError(f"steering diverged at step {k + 1} of {steps} (t = {float(t):.4g}): the state became "
+                         f"non-finite (NaN or ±inf). {watch.advice()}")
+    if not watch.warned:
+        watch.warned = True
+        far = int((xd.flatten(1).abs().amax(1) > watch.bound).sum())
+        warnings.warn(f"steering is diverging at step {k + 1} of {steps} (t = {float(t):.4g}): {far} of "
+                      f"{x.shape[0]} states reached |x| up to {top:.3g}, over {DIVERGENCE_FACTOR:.0e} times the "
+                      f"noise's scale ({watch.scale:.3g}); they are returned as they are. {watch.advice()}",
+                      SteeringDivergenceWarning, stacklevel=4)
 
 
 def progress_bar(iterable, progress, desc):

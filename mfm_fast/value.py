@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ._checks import as_time, check_cond_rows, check_finite, check_finite_scalar, check_input, check_model_output, \
-    check_positive_int, check_state
+    check_positive_int, check_state, host_checks_allowed
 from .interpolant import bcast
 from .rewards import CheckedReward, as_reward, reward_name
 from .sampling import compose_flow_map
@@ -92,6 +92,7 @@ class CountedReward:
     def __init__(self, reward, cost: Cost):
         self.reward, self.cost = reward, cost
         self.name = reward_name(reward)
+        self.dtype = None  # of the reward's last output
 
     def __getattr__(self, attr):
         if attr in ("reward", "cost"):
@@ -100,7 +101,9 @@ class CountedReward:
 
     def __call__(self, x1):
         self.cost.reward_evals += x1.shape[0]
-        return self.reward(x1)
+        r = self.reward(x1)
+        self.dtype = getattr(r, "dtype", None)
+        return r
 
 
 @dataclass
@@ -141,6 +144,19 @@ def mfmgf_release_ratio(t: torch.Tensor) -> torch.Tensor:
     (Σ w_i x̂_i − mean x̂)/max(1−t, 1e-3), the term its ODE adds to the drift whatever σ²(t) is (the release divides
     its correction by σ²/2 and multiplies back, so neither the clamp of (1−t)/t nor the t > 0.999 clamp enters)."""
     return (1 - t).clamp_min(ONE_MINUS_T_MIN) / t
+
+
+def log_weights(lam: float, r: torch.Tensor) -> torch.Tensor:
+    """The log-weights λ·r, detached, in float64 (float32 on devices without it): a float32 λ·r overflows to ±inf
+    for |λ·r| > 3.4e38 (then the softmax weights turn NaN and V̂ infinite); in float64 it stays finite for any λ
+    and float32 reward. The weights, V̂ and the seeds of the backward pass are all computed from these."""
+    wide = torch.float32 if r.device.type == "mps" else torch.promote_types(r.dtype, torch.float64)
+    return lam * r.detach().to(wide)
+
+
+def _seed(lam: float, weights: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """∂V̂/∂r = λ·(weights) in r's dtype: the backward of r (the reward, without λ) from the log-weight seeds."""
+    return (lam * weights).to(r.dtype)
 
 
 def _leave_one_out_lse(a: torch.Tensor) -> torch.Tensor:
@@ -187,7 +203,8 @@ def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tenso
     """Unvalidated core of `value_and_grad`: t (B,), x (B, *event), noise (B, N, *event) already drawn.
 
     Performs no host synchronisation, so a steering step built on it can be captured in a CUDA graph.
-    Returns (V (B,), ∇V (x's shape)).
+    Returns (V (B,), ∇V (x's shape)); V in the dtype of `log_weights` (float64: V̂ scales with λ, which may take
+    it beyond float32), ∇V in x's dtype.
     """
     cond = cond or {}
     B, N = noise.shape[:2]
@@ -213,25 +230,26 @@ def estimate(model, reward, t: torch.Tensor, x: torch.Tensor, noise: torch.Tenso
                 with torch.enable_grad():
                     xc = xs.clone().requires_grad_(True)
                     x1 = compose_flow_map(model, eps, ts, xc, posterior_steps, **cs)
-                    r = (lam * reward(x1)).view(b, p)
+                    r = reward(x1).view(b, p)
                     _require_grad(r, reward)
-                    # The backward starts from the log-mean-exp seed ∂V̂/∂r_i = softmax_i(r): one backward pass
-                    # through reward and network for all particles of all states at once (the states are
+                    # The backward starts from the log-mean-exp seed ∂V̂/∂r_i = λ·softmax_i(λ·r): one backward
+                    # pass through reward and network for all particles of all states at once (the states are
                     # independent rows, so each state's gradient lands in its own row of x).
-                    rd = r.detach()
-                    (g,) = torch.autograd.grad(r, xc, grad_outputs=torch.softmax(rd, dim=1), allow_unused=True)
-                lse.append(torch.logsumexp(rd, dim=1))
+                    a = log_weights(lam, r)
+                    (g,) = torch.autograd.grad(r, xc, grad_outputs=_seed(lam, torch.softmax(a, dim=1), r),
+                                               allow_unused=True)
+                lse.append(torch.logsumexp(a, dim=1))
                 part.append(torch.zeros_like(xs) if g is None else g)
             else:
                 with torch.no_grad():
                     x1 = compose_flow_map(model, eps, ts, xs, posterior_steps, **cs).view(b, p, *ev)
-                    r = (lam * reward(x1.reshape(b * p, *ev))).view(b, p)
-                    w = torch.softmax(r, dim=1).view(b, p, *([1] * len(ev)))
-                    lse.append(torch.logsumexp(r, dim=1))
+                    a = log_weights(lam, reward(x1.reshape(b * p, *ev)).view(b, p))
+                    w = torch.softmax(a, dim=1).to(_acc(x1)).view(b, p, *([1] * len(ev)))
+                    lse.append(torch.logsumexp(a, dim=1))
                     part.append(((w * x1).sum(1), x1.sum(1)))
         L = torch.stack(lse)  # (chunks, b)
         V = torch.logsumexp(L, dim=0)
-        wc = torch.softmax(L, dim=0)  # weight of each particle block within each state
+        wc = torch.softmax(L, dim=0).to(_acc(xs))  # weight of each particle block within each state
         if estimator == "mfm-g":
             g = sum(bcast(wc[k], part[k]) * part[k] for k in range(len(part)))
         else:
@@ -257,36 +275,59 @@ def _jackknife_block(model, reward, ts, xs, noise, pbs, estimator, lam, cond, po
     if estimator == "mfm-gf":
         with torch.no_grad():
             x1 = torch.cat([sample(pb, xs).view(b, pb.stop - pb.start, *ev) for pb in pbs], dim=1)
-            r = (lam * reward(x1.reshape(b * N, *ev))).view(b, N)
-            c = jackknife_weights(r).view(b, N, *([1] * len(ev)))
+            a = log_weights(lam, reward(x1.reshape(b * N, *ev)).view(b, N))
+            c = jackknife_weights(a).to(_acc(x1)).view(b, N, *([1] * len(ev)))
             g = bcast(mfmgf_prefactor(ts), xs) * ((c * x1).sum(1) - x1.mean(1))
-        return jackknife_value(r), g
+        return jackknife_value(a), g
     if len(pbs) == 1:
         with torch.enable_grad():
             xc = xs.clone().requires_grad_(True)
-            r = (lam * reward(sample(pbs[0], xc))).view(b, N)
+            r = reward(sample(pbs[0], xc)).view(b, N)
             _require_grad(r, reward)
-            (g,) = torch.autograd.grad(r, xc, grad_outputs=jackknife_weights(r.detach()), allow_unused=True)
-        return jackknife_value(r.detach()), torch.zeros_like(xs) if g is None else g
+            a = log_weights(lam, r)
+            (g,) = torch.autograd.grad(r, xc, grad_outputs=_seed(lam, jackknife_weights(a), r), allow_unused=True)
+        return jackknife_value(a), torch.zeros_like(xs) if g is None else g
     with torch.no_grad():
-        r = torch.cat([(lam * reward(sample(pb, xs))).view(b, -1) for pb in pbs], dim=1)
-    c = jackknife_weights(r)
+        a = log_weights(lam, torch.cat([reward(sample(pb, xs)).view(b, -1) for pb in pbs], dim=1))
+    c = jackknife_weights(a)
     g = torch.zeros_like(xs)
     for pb in pbs:
         with torch.enable_grad():
             xc = xs.clone().requires_grad_(True)
-            rb = (lam * reward(sample(pb, xc))).view(b, -1)
+            rb = reward(sample(pb, xc)).view(b, -1)
             _require_grad(rb, reward)
-            (gb,) = torch.autograd.grad(rb, xc, grad_outputs=c[:, pb], allow_unused=True)
+            (gb,) = torch.autograd.grad(rb, xc, grad_outputs=_seed(lam, c[:, pb], rb), allow_unused=True)
         if gb is not None:
             g = g + gb
-    return jackknife_value(r), g
+    return jackknife_value(a), g
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """The dtype weighted sums of samples accumulate in: x's, at least float32."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _require_grad(r: torch.Tensor, reward) -> None:
     if not r.requires_grad:
         raise ValueError(f"reward {reward_name(reward)!r}: no gradient reaches the context x; estimator 'mfm-g' needs "
                          f"a reward differentiable in its input (or use estimator='mfm-gf')")
+
+
+def check_representable(lam: float, **tensors) -> None:
+    """V̂ and ∇̂V are finite for every finite λ in the weights' float64 arithmetic; what can still overflow is the
+    cast of V̂ (which scales with λ) to the reward's dtype, and ∇̂V = λ·Σ w_i ∇r_i in x's dtype. Where that happens
+    no finite result exists in those dtypes: say so, naming λ, instead of returning inf/NaN."""
+    tensors = {k: v for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point()}
+    if not tensors or not host_checks_allowed(next(iter(tensors.values()))):
+        return
+    flags = torch.stack([torch.isfinite(v.detach()).all() for v in tensors.values()])
+    if bool(flags.all()):
+        return
+    bad = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in tensors.items()
+           if not bool(torch.isfinite(v.detach()).all())]
+    raise ValueError(f"lam={lam:g}: {' and '.join(bad)} not finite in that dtype: V̂ scales with lam·r and the value "
+                     f"gradient with lam·∇r, beyond the dtype's range for this lam (else the reward's own gradient is "
+                     f"not finite); lower lam, or run in float64")
 
 
 def check_estimator(name: str, estimator) -> str:
@@ -333,6 +374,8 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     `jackknife=True` (N ≥ 2) replaces the softmax weights by `jackknife_weights`, for either estimator: the same
     samples and network work (plus one forward-only pass when `chunk_size` splits a state's particles), the
     O(1/N) bias of the self-normalised weights removed; V̂ becomes `jackknife_value`.
+    The weights are computed from λ·r in float64 (`log_weights`), so any finite λ gives finite weights; where V̂
+    (in the reward's dtype) or ∇̂V (in x's) still does not fit its dtype, a ValueError names lam.
     Returns (V (B,), ∇V (x's shape)), or a `ValueResult` with the counted cost if `return_info`.
     """
     check_input("x", x, model)
@@ -363,9 +406,12 @@ def value_and_grad(model, reward, t, x: torch.Tensor, n_particles: int, estimato
     cost = Cost(batch=B)
     reward = reward if isinstance(reward, CheckedReward) else as_reward(reward)
     from .memory import recompute_activations
+    counted = CountedReward(reward, cost)
     with recompute_activations(model, enabled=recompute):  # block-level recomputation when chunks would be tiny
-        V, g = estimate(CountedModel(model, cost), CountedReward(reward, cost), t, x, noise, estimator, lam,
-                        chunk_size, cond, posterior_steps, jackknife)
+        V, g = estimate(CountedModel(model, cost), counted, t, x, noise, estimator, lam, chunk_size, cond,
+                        posterior_steps, jackknife)
+    V = V.to(counted.dtype or V.dtype)  # the reward's dtype, as V̂ = log-mean-exp of λ·r
+    check_representable(lam, V=V, grad_V=g)
     if return_info:
         return ValueResult(V, g, cost)
     return V, g

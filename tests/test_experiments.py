@@ -86,7 +86,7 @@ def test_experiment_posterior_quick(tmp_path, cache, monkeypatch):
         assert all(0.5 < v < 1e4 for v in ratios), r
         assert float(r["max"]) == max(ratios) and float(r["train s"]) > 0
     with pytest.raises(SystemExit):
-        main(["experiment", "posterior", "--quick", "--recipes", "nope"])
+        main(["experiment", "posterior", "--quick", "--recipes", "nope", "--out", str(tmp_path / "refused")])
 
 
 def test_experiment_gmm_quick(tmp_path, cache, monkeypatch):
@@ -134,7 +134,7 @@ def test_experiment_estimators_quick(tmp_path, cache, monkeypatch):
         assert rows[("MFM-G, jackknife", law, "8")]["bias exact post."] == "–"
         assert float(rows[("MFM-G, jackknife", law, "8")]["bias learned"]) > 0
     with pytest.raises(SystemExit):
-        main(["experiment", "estimators", "--quick", "--ts", "1.0"])
+        main(["experiment", "estimators", "--quick", "--ts", "1.0", "--out", str(tmp_path / "refused")])
 
 
 def test_experiment_dispatch_errors(capsys):

@@ -7,6 +7,10 @@ exact shape — the release's own loader (`strict=False`) would silently keep a 
 
 mfm_fast's own format is a safetensors file of MFMDiT's state_dict with the config in its metadata
 (`save_safetensors`); `load_official_mfm` reads it too.
+
+Damaged files fail with a CheckpointError naming the path, never as altered weights: a torch checkpoint's zip
+CRC-32s are checked before torch.load (which skips them), and a .safetensors file written by `save_safetensors`
+carries a sha256 of its tensors that the reader verifies (`mfm_fast.integrity`: costs and what is skipped).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Optional
 import torch
 from einops import rearrange
 
+from ..integrity import DIGEST_KEY, check_zip_crc, tensor_digest
 from .dit import CONFIGS, DiTConfig, MFMDiT, make_config
 
 # prefixes added by DDP, torch.compile, Lightning (TrainingModule.model), the SI wrapper and DiTMFM
@@ -100,6 +105,11 @@ def _unreadable(path: str, err: BaseException) -> CheckpointError:
 
 
 def _torch_load(path: str, weights_only: bool):
+    # torch.load does not check the zip's CRC-32s: a flipped byte would load as an altered weight
+    damage = check_zip_crc(path)
+    if damage is not None:
+        raise CheckpointError(f"cannot read the checkpoint {path}: it is corrupt, a CRC-32 check failed ({damage}); "
+                              "download or copy the file again")
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
@@ -108,8 +118,10 @@ def _torch_load(path: str, weights_only: bool):
                 raise
         # files written by the legacy (pre-zip) serializer cannot be memory-mapped
         return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except OSError:
-        raise
+    except OSError as err:
+        if err.filename is not None:  # open() failing on the path (permissions, ...): it names the file already
+            raise
+        raise _unreadable(path, err) from err  # a read or mmap of a truncated file: name it
     except Exception as err:
         # a pickle of Python objects that weights_only refuses (random bytes fail there too, on an "operand")
         if weights_only and "Unsupported global" in str(err):
@@ -127,10 +139,16 @@ def _read_safetensors(path: str):
             meta = f.metadata() or {}
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
-    except OSError:
-        raise
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise _unreadable(path, err) from err
     except Exception as err:  # SafetensorError: bad header, file shorter than its header says, ...
         raise _unreadable(path, err) from err
+    if DIGEST_KEY in meta and tensor_digest(tensors) != meta[DIGEST_KEY]:
+        raise CheckpointError(f"cannot read the checkpoint {path}: it is corrupt, its tensors do not match the "
+                              f"sha256 digest stored in its metadata ({DIGEST_KEY}); download or copy the file "
+                              "again")
     config = None
     if meta.get("format") == SAFETENSORS_FORMAT and "config" in meta:
         try:
@@ -146,7 +164,8 @@ def save_safetensors(model: MFMDiT, path) -> None:
         raise TypeError(f"model must be an MFMDiT, got {type(model).__name__}")
     from safetensors.torch import save_file
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": SAFETENSORS_FORMAT, "config": json.dumps(dataclasses.asdict(model.config))}
+    meta = {"format": SAFETENSORS_FORMAT, "config": json.dumps(dataclasses.asdict(model.config)),
+            DIGEST_KEY: tensor_digest(state)}  # safetensors has no checksum of its own: `_read_safetensors` checks
     save_file(state, os.fspath(path), metadata=meta)
 
 

@@ -352,7 +352,9 @@ class MFMDiT(nn.Module):
             y = torch.full((G,), self.config.num_classes, device=x.device, dtype=torch.long)
         else:
             if not torch.is_tensor(y) or y.dtype not in (torch.int32, torch.int64):
-                raise TypeError("y must be an integer tensor of class labels")
+                got = f"dtype {y.dtype}" if torch.is_tensor(y) else f"{type(y).__name__} {y!r}"
+                raise TypeError(f"y must be an integer tensor of class labels (int64 or int32), got {got}; float "
+                                "labels are not truncated to classes: pass whole numbers as y.long()")
             if y.dim() == 0:
                 y = y.expand(G)
             if y.shape != (G,):

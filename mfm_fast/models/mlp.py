@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .._checks import as_time, check_state, n_per_group
+from .._checks import as_time, check_dtype, check_state, n_per_group
 from ..interpolant import merged_observation
 
 
@@ -95,6 +95,9 @@ class MFMMLP(nn.Module):
             raise TypeError(f"MFMMLP takes no conditioning, got {sorted(cond)}")
         check_state("xbar", xbar, (self.dim,))
         check_state("x", x, (self.dim,))
+        weights = self.out.weight.dtype  # the Linear layers would fail with torch's "mat1 and mat2" dtype error
+        check_dtype("xbar", xbar, weights)
+        check_dtype("x", x, weights)
         G = x.shape[0]
         N = n_per_group("xbar", xbar.shape[0], G)
         s, u, t = (as_time(n, v, G, x) for n, v in (("s", s), ("u", u), ("t", t)))
