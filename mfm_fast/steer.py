@@ -32,10 +32,10 @@ from ._checks import check_cond_rows, check_finite_scalar, check_positive_int, h
 from .interpolant import time_grid
 from .rewards import CheckedReward, as_reward
 from .sampling import Generators, check_generators, rand_groups, randn_rows
-from .steps import (METHODS, RENORMS, SteerResult, base_drift, bcast_t, check_clamp, check_common, check_steer_args,
-                    dps_grad, finish, full_t, guided_drift, make_step, paper_nfe, progress_bar, renormalise,
-                    steer_ratio, steer_step)
-from .value import Cost, CountedModel, CountedReward, check_estimator, check_pathwise, estimate
+from .steps import (METHODS, RENORMS, SteerResult, base_drift, bcast_t, check_clamp, check_common, check_diverged,
+                    check_steer_args, divergence_named, divergence_scale, dps_grad, finish, full_t, guided_drift,
+                    make_step, paper_nfe, progress_bar, renormalise, steer_ratio, steer_step)
+from .value import Cost, CountedModel, CountedReward, check_estimator, check_pathwise, estimate, log_weights
 
 # the step functions and checks live in mfm_fast.steps (shared with mfm_fast.graphs); they are part of this API too
 __all__ = ["METHODS", "RENORMS", "SEARCH_MODES", "SEARCH_GRID_POWER", "SteerResult", "base_drift", "best_of_n",
@@ -98,11 +98,14 @@ def _randn(shape, like, generator):
 def _run_doob(model, reward, x, grid, method, sde, n_particles, generator, progress, step_kw):
     step = make_step(model, reward, method=method, sde=sde, **step_kw)
     K = grid.shape[0] - 1
+    scale = divergence_scale(x) if method != "none" else None
     for k in progress_bar(range(K), progress, f"steer[{method}]"):
         eps = _randn((x.shape[0], n_particles, *x.shape[1:]), x, generator) if method in ("mfm-g", "mfm-gf") \
             else None
         xi = _randn(x.shape, x, generator) if sde else None
         x = step(x, grid[k], grid[k + 1] - grid[k], eps, xi)
+        if scale is not None:
+            check_diverged(x, k, K, grid[k + 1], scale, method, step_kw["lam"], step_kw["renorm"])
     return x
 
 
@@ -132,6 +135,7 @@ def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, c
     P, G = population, x.shape[0] // population
     dims = tuple(range(1, x.dim()))
     K = grid.shape[0] - 1
+    scale = divergence_scale(x)
 
     def value(t, x_):
         eps = _randn((B, n_particles, *ev), x_, generator)
@@ -140,7 +144,7 @@ def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, c
 
     V, g = value(grid[0], x)
     log_w = V.clone()
-    log_z = torch.zeros(G, device=x.device, dtype=x.dtype)
+    log_z = torch.zeros(G, device=x.device, dtype=log_w.dtype)
     n_res = torch.zeros((), device=x.device, dtype=torch.long)
     offs = (torch.arange(G, device=x.device) * P)[:, None]
     for k in progress_bar(range(K), progress, "steer[smc]"):
@@ -155,11 +159,12 @@ def _run_smc(model, reward, x, grid, n_particles, lam, estimator, clamp_ratio, c
         mean_q = mean_p + move
         var = 2 * kk * dt
         x = mean_q + torch.sqrt(var) * _randn(x.shape, x, generator)
-        log_pq = ((x - mean_q).pow(2).sum(dims) - (x - mean_p).pow(2).sum(dims)) / (2 * var)
+        log_pq = (((x - mean_q).pow(2).sum(dims) - (x - mean_p).pow(2).sum(dims)) / (2 * var)).to(log_w.dtype)
+        check_diverged(x, k, K, grid[k + 1], scale, "smc", lam, renorm)
         if k + 1 < K:
             V_new, g = value(grid[k + 1], x)
         else:
-            V_new = lam * reward(x)
+            V_new = log_weights(lam, reward(x))  # λ·r in float64: huge λ stays finite
         log_w = log_w + V_new - V + log_pq
         V = V_new
         if k + 1 < K:
@@ -276,7 +281,7 @@ def steer(model, reward, noise: torch.Tensor, steps: int = 250, method: str = "m
     cmodel, creward = CountedModel(model, cost), CountedReward(reward, cost)
     grid = time_grid(t_start, steps, noise)
     extra = {}
-    with torch.no_grad():
+    with torch.no_grad(), divergence_named():  # an error after states ran off names lam, not the reward
         if method == "search":
             x = _run_search(cmodel, creward, noise, grid ** SEARCH_GRID_POWER, n_particles, search_mode,
                             population, generator, progress, cond)

@@ -11,6 +11,7 @@ EXPERIMENTS = {
     "gmm": ("mfm_fast.experiments.gmm", "steering on the paper's 2-D GMM vs the exact tilted target"),
     "digits": ("mfm_fast.experiments.digits", "classifier-reward steering on 8x8 digits; Best-of-N vs MFM-G cost"),
     "finetune-gmm": ("mfm_fast.experiments.finetune_gmm", "MFM-FT on the GMM: distance to the tilt vs step"),
+    "finetune-digits": ("mfm_fast.experiments.finetune_digits", "MFM-FT, class-conditional digits DiT vs the exact tilt"),
     "estimators": ("mfm_fast.experiments.estimators", "what MFM-G / MFM-GF estimate at finite N vs the exact ∇V"),
     "posterior": ("mfm_fast.experiments.posterior", "GMM one-step posterior accuracy vs the noise floor, per recipe"),
 }
