@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ..finetune import SCHEDULES, FinetuneConfig, finetune
+from ..finetune import SCHEDULES, finetune, gmm_defaults
 from ..sampling import ode_sample
 from .common import (distances, experiment_parser, gmm_mfm, out_dir, paper_problem, positive_int,
                      pyplot, resolve_device, write_table)
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
             finals[schedule] = x
             print(f"  [{schedule}] step {step}: sliced-W2 {d['sliced-W2']:.4f}", flush=True)
 
-        cfg = FinetuneConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, lam=prob.lam, schedule=schedule,
-                             sigma_const=args.sigma_const, seed=args.seed)
+        cfg = gmm_defaults(steps=steps, batch_size=args.batch_size, lr=args.lr, lam=prob.lam, schedule=schedule,
+                           sigma_const=args.sigma_const, seed=args.seed)
         finetune(model, prob.reward, prob.gmm.sample, cfg, callback=evaluate, callback_every=every)
     rows.append({"schedule": "exact target (2nd draw: noise floor)", "step": "–", **floor,
                  "mean reward": float(prob.reward(prob.tilted.sample(n, generator=gen)).mean())})
