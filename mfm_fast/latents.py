@@ -486,8 +486,11 @@ def _load_batch(paths: Sequence[Path], size: int) -> torch.Tensor:
     from PIL import Image
     arrs = []
     for p in paths:
-        with Image.open(p) as im:
-            arrs.append(center_crop(im, size))
+        try:
+            with Image.open(p) as im:
+                arrs.append(center_crop(im, size))
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated or garbled files
+            raise ValueError(f"image {p} is damaged or not an image ({type(err).__name__}: {err})") from err
     x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x  # (B, 3, size, size) in [-1, 1]
 

@@ -310,3 +310,16 @@ def test_jackknife_value_names_its_particle_count():
     with pytest.raises(ValueError, match="n_particles >= 2.*n_particles=1"):
         jackknife_value(torch.zeros(3, 1))
     assert jackknife_value(torch.zeros(3, 2)).shape == (3,)
+
+
+def test_a_truncated_image_is_named(tmp_path):
+    from PIL import Image
+
+    from mfm_fast.latents import _load_batch
+    good = tmp_path / "good.png"
+    Image.new("RGB", (12, 12), (10, 200, 30)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(good.read_bytes()[:40])
+    assert _load_batch([good], 8).shape == (1, 3, 8, 8)
+    with pytest.raises(ValueError, match="bad.png is damaged"):
+        _load_batch([good, bad], 8)
